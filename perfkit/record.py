@@ -1,0 +1,96 @@
+"""The record of one benchmark cell: a plain dataclass that serializes to JSON as is.
+
+Data flows one way: registry -> variant -> measure -> record -> report. The report and the comparison
+read only records (from pytest-benchmark's ``extra_info`` or the JSON-lines file), never the code that
+made them, so every field a reader needs is here, with its unit in its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "perfkit.record/1"
+STATUSES = ("ok", "failed", "oom", "error", "skipped")
+"""ok: measured and correct; failed: wrong result (correctness gate); oom: out of memory;
+error: any other exception (a compile error, say); skipped: cannot run on this device, with the reason."""
+
+
+@dataclass
+class Record:
+    """One cell of the matrix: block x variant x mode x dtype x batch on one device."""
+
+    block: str
+    variant: str
+    mode: str
+    dtype: str
+    batch: int
+    status: str
+    kind: str = "block"
+    """block, network or kernel."""
+    input_shape: list[int] = field(default_factory=list)
+    reason: str | None = None
+    device: dict[str, Any] = field(default_factory=dict)
+    """The device's identity: name, memory, SM count, driver, CUDA, torch and triton versions or CPU model."""
+    params: int | None = None
+    # timing: the synchronized time of one step, over `rounds` rounds after warm-up
+    step_time_median_s: float | None = None
+    step_time_p20_s: float | None = None
+    step_time_p80_s: float | None = None
+    step_time_mean_s: float | None = None
+    step_time_cv: float | None = None
+    rounds: int | None = None
+    noisy: bool | None = None
+    times_s: list[float] = field(default_factory=list)
+    samples_per_s: float | None = None
+    compile_time_s: float | None = None
+    warmup_time_s: float | None = None
+    # work
+    flops_per_step: int | None = None
+    tflops_per_s: float | None = None
+    bytes_per_step: int | None = None
+    """Kernel cells: the fewest bytes the step must move (each input read once, each output written once)."""
+    achieved_gb_per_s: float | None = None
+    # memory
+    peak_memory_bytes: int | None = None
+    peak_memory_rise_bytes: int | None = None
+    memory_method: str | None = None
+    # correctness gate against float64
+    rel_error: float | None = None
+    tolerance: float | None = None
+    schema: str = SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status {self.status!r} is not one of {STATUSES}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        """Rebuild a record; unknown keys are an error so a schema drift is caught, not ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown record fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def append_jsonl(path: str | Path, record: Record) -> None:
+    """Append one record as a line and flush, so an interrupted run keeps every finished cell."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record.to_dict()) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """Every record of a JSON-lines file."""
+    with Path(path).open() as f:
+        return [Record.from_dict(json.loads(line)) for line in f if line.strip()]

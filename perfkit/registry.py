@@ -1,0 +1,93 @@
+"""One registry for every block and network: ``register``, ``create``, ``list_blocks``.
+
+Modelled on timm's ``register_model`` / ``create_model`` / ``list_models``: every entry is reachable by
+name, construction takes keyword overrides, and a wrong name lists the right ones.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+KINDS = ("block", "network")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A registered block or network and the input shapes it is measured and tested at."""
+
+    name: str
+    kind: str
+    factory: Callable[..., nn.Module]
+    bench_shape: tuple[int, ...]
+    """Per-sample input shape (C, H, W) at the benchmark size: a block at a representative stage."""
+    test_shape: tuple[int, ...]
+    """Per-sample input shape small enough for forward and backward on a 2-core CPU in well under a second."""
+    description: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments the factory is called with before the caller's overrides."""
+
+    def create(self, **overrides: Any) -> nn.Module:
+        """Build the module with the entry's keyword arguments updated by ``overrides``."""
+        return self.factory(**{**self.kwargs, **overrides})
+
+    def example_input(self, batch: int, *, bench: bool = False, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """A random input batch of this entry's test (or benchmark) shape."""
+        shape = self.bench_shape if bench else self.test_shape
+        return torch.randn((batch, *shape), dtype=dtype, generator=generator).to(device)
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, *, kind: str, bench_shape: tuple[int, ...], test_shape: tuple[int, ...],
+             description: str = "", **kwargs: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering ``factory`` under ``name``; ``kwargs`` are passed to it on creation.
+
+    The same factory may be registered under several names with different ``kwargs`` (``resnet18`` and
+    ``resnet34`` are one ``resnet`` factory) by stacking decorators.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} for {name!r} is not one of {KINDS}")
+
+    def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"{name!r} is already registered (by {_REGISTRY[name].factory.__qualname__})")
+        doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), "")
+        _REGISTRY[name] = Entry(name, kind, factory, tuple(bench_shape), tuple(test_shape), doc, dict(kwargs))
+        return factory
+
+    return decorator
+
+
+def _load() -> None:
+    # Importing the block modules runs their @register decorators; done on first use, not at import.
+    import perfkit.blocks  # noqa: F401
+
+
+def get_entry(name: str) -> Entry:
+    """The registry entry for ``name``; an unknown name raises a KeyError listing the valid ones."""
+    _load()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown block or network {name!r}; valid names: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def create(name: str, **overrides: Any) -> nn.Module:
+    """Build the block or network registered as ``name``, with keyword ``overrides``."""
+    return get_entry(name).create(**overrides)
+
+
+def list_blocks(pattern: str = "*", kind: str | None = None) -> list[str]:
+    """Sorted names matching the glob ``pattern`` (``"resnet*"``), optionally only one ``kind``."""
+    _load()
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    return sorted(n for n, e in _REGISTRY.items()
+                  if fnmatch.fnmatchcase(n, pattern) and (kind is None or e.kind == kind))
