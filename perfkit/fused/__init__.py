@@ -1,1 +1,50 @@
-"""The ``triton`` variant: swap the fused-kernel modules into a reference model, sharing its parameters."""
+"""The ``triton`` variant: swap fused-kernel modules into a reference model, sharing its parameters.
+
+Each fused module is built ``from_reference`` and holds the very same Parameters and buffers as the
+module it replaces, so a swapped model trains the same weights and the correctness gate compares like
+with like. Kernels are imported only when a swap is asked for: ``import perfkit`` needs no triton.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from perfkit.blocks.densenet import DenseBlock
+from perfkit.blocks.layers import ResidualEpilogue
+
+FUSED_FOR = {
+    ResidualEpilogue: ("perfkit.fused.wrc", "FusedResidualEpilogue"),
+    DenseBlock: ("perfkit.fused.dense", "FusedDenseBlock"),
+}
+"""Reference module type -> (module, class) of its fused replacement."""
+
+
+def fusable_modules(model: nn.Module) -> list[str]:
+    """Qualified names of the submodules (or the model itself, as "") the ``triton`` variant replaces."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) in FUSED_FOR and not any(name.startswith(n + ".") or n == "" for n in names):
+            names.append(name)
+    return names
+
+
+def to_triton(model: nn.Module) -> nn.Module:
+    """Replace every fusable submodule of ``model`` in place; returns the model (or its replacement).
+
+    Raises ValueError naming the supported module types if nothing in ``model`` has a fused kernel.
+    """
+    import importlib
+
+    names = fusable_modules(model)
+    if not names:
+        supported = ", ".join(t.__name__ for t in FUSED_FOR)
+        raise ValueError(f"{type(model).__name__} has no module with a fused Triton kernel (supported: {supported})")
+    for name in names:
+        reference = model.get_submodule(name)
+        module_name, class_name = FUSED_FOR[type(reference)]
+        fused = getattr(importlib.import_module(module_name), class_name).from_reference(reference)
+        if name == "":
+            return fused
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, fused)
+    return model
