@@ -45,6 +45,13 @@ class Record:
     rounds: int | None = None
     noisy: bool | None = None
     times_s: list[float] = field(default_factory=list)
+    step_time_ci_rel: float | None = None
+    """Half-width of the distribution-free 95% confidence interval of the median, over the median."""
+    noise_bound_rel: float | None = None
+    """The bound on step_time_ci_rel the rounds aimed for; a cell that ended above it is ``noisy``."""
+    timer: str | None = None
+    """How a round was timed (the clock, and that it synchronizes the device)."""
+    warmup_steps: int | None = None
     samples_per_s: float | None = None
     compile_time_s: float | None = None
     warmup_time_s: float | None = None

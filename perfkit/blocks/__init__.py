@@ -1,3 +1,3 @@
 """Reference implementations of every block and network; importing this package registers them."""
 
-from perfkit.blocks import densenet  # noqa: F401
+from perfkit.blocks import alexnet, csp, d2l, densenet, inception, nin, residual, resnet, vgg  # noqa: F401

@@ -42,3 +42,36 @@ class ResidualEpilogue(nn.Module):
     def extra_repr(self) -> str:
         kind = "learnable" if isinstance(self.alpha, nn.Parameter) else "fixed"
         return f"alpha={self.alpha.item():g}, beta={self.beta.item():g}, {kind}"
+
+
+class ConvBNReLU(nn.Sequential):
+    """``conv (no bias) → BatchNorm → ReLU``: torchvision's ``BasicConv2d``, timm's ``ConvNormAct``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int | None = None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=kernel_size // 2 if padding is None else padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+
+def init_weights(module: nn.Module) -> nn.Module:
+    """torchvision's initialization, in place; returns ``module``.
+
+    Convolutions: Kaiming normal, fan-out, ReLU gain (He et al. 2015), biases zero. BatchNorm: weight 1,
+    bias 0. Linear: N(0, 0.01), bias 0 (torchvision's VGG and AlexNet-style heads). Learnable residual
+    weights (``ResidualEpilogue.alpha``/``beta``) are left at their constructor values.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    return module

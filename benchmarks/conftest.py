@@ -1,0 +1,304 @@
+"""The benchmark matrix's options, parametrization and bookkeeping: ``pytest benchmarks/ --benchmark-json out.json``.
+
+Selection (each option has an environment variable; the option wins):
+
+==========================  ===================  ==========================================================
+option                      environment          meaning
+==========================  ===================  ==========================================================
+``--perfkit-profile``       ``PERFKIT_PROFILE``  ``quick`` (CPU-sized; the default without a GPU) or
+                                                 ``full`` (benchmark shapes, every entry; default with one)
+``--perfkit-blocks``        ``PERFKIT_BLOCKS``   comma list of names or globs (``basic,resnet*``)
+``--perfkit-variants``      ``PERFKIT_VARIANTS`` comma list of variants (``eager,channels_last+bf16``)
+``--perfkit-modes``         ``PERFKIT_MODES``    ``inference``, ``training`` or both
+``--perfkit-batches``       ``PERFKIT_BATCHES``  comma list of batch sizes (replaces the profile's)
+``--perfkit-device``        ``PERFKIT_DEVICE``   ``cuda`` when a GPU is present, else ``cpu``
+``--perfkit-jsonl``         ``PERFKIT_JSONL``    JSON-lines file every cell's record is appended to
+                                                 (default ``out/results.jsonl``)
+==========================  ===================  ==========================================================
+
+A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
+(``basic-channels_last+bf16-training-b32``) as usual.
+
+Where each cell goes. pytest-benchmark's ``params`` are the cell's parametrization (block, variant, mode,
+dtype, batch), its ``group`` is ``{block}-{mode}`` so its table puts the variants of a block side by side,
+and its ``extra_info`` is the cell's whole :class:`perfkit.record.Record`. The stored timing is the
+synchronized step time: rounds run through ``benchmark.pedantic`` (one iteration, no pytest-benchmark
+warm-up: perfkit warms up until steady before), each round a step that ends in a device synchronization;
+when the adaptive rule asks for more rounds than the first call ran, they are timed with the same clock
+and appended to the same ``stats`` (pytest-benchmark's ``Stats.update``), so ``stats.data`` holds exactly
+the record's ``times_s``. Raw rounds are kept in saved runs too (``benchmark_save_data`` is forced on).
+
+Cells that are not timed. pytest-benchmark writes only benchmarks that ran, so:
+
+- every record, whatever its status, is appended to the JSON-lines file as the cell finishes: that file
+  is the complete record of a run, and an interrupted run keeps what it measured;
+- in the benchmark JSON, records of ``skipped`` cells go under the top-level key ``perfkit_skipped_cells``
+  and those of ``failed``/``oom``/``error`` cells under ``perfkit_failed_cells``;
+- in pytest's output a skipped cell is a skip with its reason, and a failed, OOM or errored cell an
+  ``xfail`` whose reason starts with its status. Not a test failure: the matrix is a measurement, a cell
+  that fails its correctness gate is a finding about that variant on this device (CPU bf16 training, say),
+  and the run must go on and exit cleanly so its report gets written.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import perfkit
+from perfkit.device import default_device, device_identity
+from perfkit.measure import QUICK_POLICY, TimingPolicy, clock_rounds, measure_cell
+from perfkit.record import Record, append_jsonl
+from perfkit.variants import MODES, parse_variant
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A default matrix: which entries, variants, modes and batches, at which shapes."""
+
+    blocks: tuple[str, ...]
+    """Names or globs; those not registered (yet) are left out."""
+    variants: tuple[str, ...]
+    modes: tuple[str, ...]
+    block_batches: tuple[int, ...]
+    network_batches: tuple[int, ...]
+    bench_shape: bool
+    policy: TimingPolicy
+    extra_cells: tuple[tuple[str, str], ...] = field(default=())
+    """(entry, variant) pairs added on top: a variant too slow to run on every entry (a first compile)."""
+
+
+PROFILES = {
+    # About 3-5 minutes on 2 CPU cores: small shapes, a few entries, the variants a CPU runs; one first
+    # compile (~25 s each mode) on the smallest block only.
+    "quick": Profile(
+        blocks=("basic", "bottleneck", "wrc", "dense_plain", "inception", "d2l_resnet18"),
+        variants=("eager", "channels_last", "bf16"),
+        modes=MODES,
+        block_batches=(8,),
+        network_batches=(8,),
+        bench_shape=False,
+        policy=QUICK_POLICY,
+        extra_cells=(("basic", "compile"),),
+    ),
+    # For a GPU: benchmark shapes, every entry, every variant alone and the combinations that matter.
+    "full": Profile(
+        blocks=("*",),
+        variants=("eager", "channels_last", "bf16", "fp16", "channels_last+bf16", "channels_last+fp16", "compile",
+                  "channels_last+bf16+compile", "max-autotune", "cudagraphs", "channels_last+bf16+cudagraphs",
+                  "triton", "channels_last+bf16+triton"),
+        modes=MODES,
+        block_batches=(32, 128, 256),
+        network_batches=(32, 128),
+        bench_shape=True,
+        policy=TimingPolicy(),
+    ),
+}
+
+OPTIONS = {
+    "profile": "PERFKIT_PROFILE",
+    "blocks": "PERFKIT_BLOCKS",
+    "variants": "PERFKIT_VARIANTS",
+    "modes": "PERFKIT_MODES",
+    "batches": "PERFKIT_BATCHES",
+    "device": "PERFKIT_DEVICE",
+    "jsonl": "PERFKIT_JSONL",
+}
+ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
+
+_STATE = pytest.StashKey["MatrixConfig"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("perfkit", "perfkit benchmark matrix")
+    helps = {
+        "profile": f"matrix profile: {', '.join(PROFILES)} (default: full with a GPU, quick without)",
+        "blocks": "comma-separated block/network names or globs (default: the profile's)",
+        "variants": "comma-separated variants, atoms joined with '+' (default: the profile's)",
+        "modes": f"comma-separated modes from {', '.join(MODES)} (default: both)",
+        "batches": "comma-separated batch sizes (default: the profile's)",
+        "device": "torch device to measure on (default: cuda if available, else cpu)",
+        "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
+    }
+    for name, env in OPTIONS.items():
+        group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
+                        help=f"{helps[name]}; env {env}")
+
+
+def _option(config: pytest.Config, name: str) -> str | None:
+    value = config.getoption(f"perfkit_{name}")
+    if value is None:
+        value = os.environ.get(OPTIONS[name]) or None
+    return value
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+@dataclass
+class MatrixConfig:
+    """The resolved selection of one benchmark session, and the records of its cells that were not timed."""
+
+    profile_name: str
+    profile: Profile
+    device: torch.device
+    blocks: list[str]
+    variants: list[str] | None
+    """None: the profile's variants (with its extra cells)."""
+    modes: list[str]
+    batches: list[int] | None
+    jsonl: Path
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+
+    def cells(self) -> list[tuple[str, str, str, str, int]]:
+        """(block, variant, mode, dtype, batch) of every cell, in a stable order."""
+        cells = []
+        for block in self.blocks:
+            kind = perfkit.get_entry(block).kind
+            batches = self.batches or (self.profile.block_batches if kind == "block" else self.profile.network_batches)
+            variants = list(self.variants or self.profile.variants)
+            if self.variants is None:
+                variants += [v for b, v in self.profile.extra_cells if b == block and v not in variants]
+            for variant in variants:
+                dtype = parse_variant(variant).compute_dtype
+                for mode in self.modes:
+                    for batch in batches:
+                        cells.append((block, variant, mode, dtype, batch))
+        return cells
+
+
+def _resolve(config: pytest.Config) -> MatrixConfig:
+    valid_names = perfkit.list_blocks()
+    device_name = _option(config, "device")
+    try:
+        device = torch.device(device_name) if device_name else default_device()
+    except RuntimeError as error:
+        raise pytest.UsageError(f"--perfkit-device {device_name!r}: {error}; use cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--perfkit-device cuda: no CUDA GPU is available here; use cpu")
+
+    profile_name = _option(config, "profile") or ("full" if device.type == "cuda" else "quick")
+    if profile_name not in PROFILES:
+        raise pytest.UsageError(f"unknown --perfkit-profile {profile_name!r}; valid profiles: {', '.join(PROFILES)}")
+    profile = PROFILES[profile_name]
+
+    blocks_value = _option(config, "blocks")
+    if blocks_value:
+        blocks = []
+        for pattern in _split(blocks_value):
+            matches = fnmatch.filter(valid_names, pattern)
+            if not matches:
+                raise pytest.UsageError(f"--perfkit-blocks: {pattern!r} matches no registered block or network; "
+                                        f"valid names: {', '.join(valid_names)}")
+            blocks += [m for m in matches if m not in blocks]
+    else:
+        blocks = [n for n in valid_names if any(fnmatch.fnmatchcase(n, p) for p in profile.blocks)]
+
+    variants_value = _option(config, "variants")
+    variants = None
+    if variants_value:
+        variants = []
+        for name in _split(variants_value):
+            try:
+                canonical = parse_variant(name).name
+            except ValueError as error:
+                raise pytest.UsageError(f"--perfkit-variants: {error}") from None
+            if canonical not in variants:
+                variants.append(canonical)
+
+    modes = list(profile.modes)
+    modes_value = _option(config, "modes")
+    if modes_value:
+        modes = _split(modes_value)
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise pytest.UsageError(f"--perfkit-modes: unknown mode(s) {bad}; valid modes: {', '.join(MODES)}")
+
+    batches = None
+    batches_value = _option(config, "batches")
+    if batches_value:
+        try:
+            batches = [int(b) for b in _split(batches_value)]
+        except ValueError:
+            batches = []
+        if not batches or any(b < 1 for b in batches):
+            raise pytest.UsageError(f"--perfkit-batches {batches_value!r}: give positive integers, e.g. 32,128")
+
+    jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
+    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Before pytest-benchmark's own pytest_configure reads it: keep every round in saved runs as well as in
+    # --benchmark-json (which always has them), since `perfkit compare` works on the rounds.
+    if hasattr(config.option, "benchmark_save_data"):
+        config.option.benchmark_save_data = True
+    config.stash[_STATE] = _resolve(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not set(ARGNAMES) <= set(metafunc.fixturenames):
+        return
+    cells = metafunc.config.stash[_STATE].cells()
+    metafunc.parametrize(ARGNAMES, cells, ids=[f"{b}-{v}-{m}-b{n}" for b, v, m, _, n in cells])
+
+
+class PedanticRounds:
+    """A :data:`perfkit.measure.RoundRunner` whose rounds are the ones pytest-benchmark stores."""
+
+    def __init__(self, benchmark) -> None:
+        self.benchmark = benchmark
+
+    def __call__(self, step, n: int) -> list[float]:
+        if self.benchmark.disabled:  # --benchmark-disable: measure anyway, store nothing
+            return clock_rounds(step, n)
+        if self.benchmark.stats is None:
+            self.benchmark.pedantic(step, rounds=n, iterations=1, warmup_rounds=0)
+            return list(self.benchmark.stats.stats.data)
+        # pedantic runs once per test; the adaptive rule's further rounds use the same clock and go into
+        # the same stats.
+        times = clock_rounds(step, n)
+        for duration in times:
+            self.benchmark.stats.stats.update(duration)
+        return times
+
+
+@pytest.fixture
+def perfkit_measure(request: pytest.FixtureRequest, benchmark):
+    """``measure(block, variant, mode, batch) -> Record``: one cell, stored in pytest-benchmark and the JSONL."""
+    matrix: MatrixConfig = request.config.stash[_STATE]
+
+    def measure(block: str, variant: str, mode: str, batch: int) -> Record:
+        benchmark.group = f"{block}-{mode}"
+        record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
+                              policy=matrix.profile.policy, run_rounds=PedanticRounds(benchmark))
+        benchmark.extra_info.update(record.to_dict())
+        append_jsonl(matrix.jsonl, record)
+        if record.status == "skipped":
+            matrix.skipped.append(record.to_dict())
+            pytest.skip(record.reason)
+        if record.status != "ok":
+            matrix.failed.append(record.to_dict())
+            pytest.xfail(f"{record.status}: {record.reason}")
+        return record
+
+    return measure
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["perfkit_device"] = device_identity(config.stash[_STATE].device)
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    matrix = config.stash[_STATE]
+    output_json["perfkit_profile"] = matrix.profile_name
+    output_json["perfkit_skipped_cells"] = matrix.skipped
+    output_json["perfkit_failed_cells"] = matrix.failed

@@ -1,0 +1,704 @@
+"""Fused BatchNorm+ReLU kernels and the memory-efficient DenseNet block built on them.
+
+A dense layer computes ``conv(relu(bn(cat(x0, ..., x_{l-1}))))``. Eager PyTorch materializes each concat
+and each BN/ReLU output and keeps them for backward, so a block's activation memory grows with the square
+of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation of DenseNets*):
+
+* **One buffer.** The block allocates ``[N, C_in + L*k, H, W]`` once, in the input's memory format; the
+  input goes into its channel prefix and layer ``l`` writes its ``k`` new channels after it. The concat
+  is free, and every layer reads its channel prefix ``buffer[:, :C_l]`` in place (a strided view: the
+  kernels take any strides, so neither NCHW nor channels_last is ever copied).
+* **One kernel for BN+ReLU of the prefix** (``_bn_relu_fwd_kernel``) writes the convolution's input
+  directly, in the convolution's dtype.
+* **Batch statistics once per channel.** A channel's batch mean and variance do not depend on which
+  layer normalizes it, so they are computed once, when the channel is written (``_bn_stats_kernel``,
+  Chan/Welford merges in float32), and every later layer reuses them with its own ``eps``, weight, bias
+  and running-statistics update. Layer ``l``'s forward then reads its prefix once, not three times.
+* **Recompute in backward.** :class:`_DenseBlockFunction` is one autograd node for the whole block. It
+  saves the buffer (the block's output, which is needed anyway), the per-channel batch statistics, and
+  for BC layers the 1×1 bottleneck output ``h`` (``4k`` channels, a fixed amount per layer) with its
+  statistics. It does not save any normalized prefix or any concat: backward walks the layers in reverse,
+  recomputes ``relu(bn(prefix))`` with the forward kernel, runs the convolution's backward
+  (``aten.convolution_backward``), and applies BN+ReLU's backward (``_bn_relu_bwd_reduce_kernel`` then
+  ``_bn_relu_bwd_dx_kernel``), adding the prefix gradient into one gradient buffer of the block's shape.
+  What stays alive is linear in depth: buffer + gradient buffer + the ``h`` of every BC layer + the
+  largest layer's transients. The price is one extra BN+ReLU pass over each prefix in backward; the 1×1
+  convolution is not recomputed (saving ``h`` costs ``4k`` channels per layer, recomputing it a whole
+  convolution per layer).
+
+Version counters: the block's output *is* the saved buffer, so an in-place change of the output before
+backward raises autograd's usual error, as it should. The Triton kernels write through raw pointers and
+bump no version counter, so they only ever write tensors this module allocated (and the BatchNorm running
+statistics, which autograd never saves).
+
+Autocast: under ``torch.autocast`` the convolutions run in the autocast dtype, as eager ones would; the
+BN+ReLU kernel writes the convolution input in that dtype directly (the cast is fused), and backward
+repeats the same casts. BN statistics and reductions always accumulate in float32.
+
+Everything here is plain functions over tensors; ``perfkit.fused.dense.FusedDenseBlock`` is the module
+that calls :func:`dense_block`. Nothing runs at import time besides defining the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+_REDUCTION_PROGRAMS = 512
+"""Programs a split reduction aims for: a few per SM on an H100 (132 SMs), so a layer whose few channel
+blocks alone would leave most SMs idle also splits its rows. Not yet tuned on a GPU."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels. Every kernel sees a tensor as [R, C] with R = N*H*W rows: row r is (n, h, w) and the element's
+# offset is n*stride_n + h*stride_h + w*stride_w + c*stride_c, so NCHW, channels_last and channel-prefix
+# views of a larger buffer are all read in place. Tiles are [BLOCK_R, BLOCK_C].
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(rows, H, W, stride_n, stride_h, stride_w):
+    hw = H * W
+    n = rows // hw
+    rem = rows - n * hw
+    h = rem // W
+    w = rem - h * W
+    return n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
+
+
+@triton.jit
+def _bn_stats_kernel(x_ptr, partial_ptr, C, H, W, R, rows_per_split,
+                     sx_n, sx_c, sx_h, sx_w,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel (count, mean, M2) of one split of the rows, merged tile by tile (Chan et al.)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    split = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    col_off = cols.to(tl.int64) * sx_c
+    r_start = pid_s * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < r_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        offs = _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + col_off[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tile_count = tl.sum(row_mask.to(tl.float32), axis=0)
+        tile_mean = tl.sum(x, axis=0) / tile_count
+        centered = tl.where(mask, x - tile_mean[None, :], 0.0)
+        tile_m2 = tl.sum(centered * centered, axis=0)
+        # Merging centred moments (never sum and sum of squares) keeps the variance exact when the mean
+        # is large against the spread.
+        new_count = count + tile_count
+        delta = tile_mean - mean
+        mean += delta * (tile_count / new_count)
+        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
+        count = new_count
+    base = partial_ptr + pid_s * C + cols
+    tl.store(base, count, mask=col_mask)
+    tl.store(base + split * C, mean, mask=col_mask)
+    tl.store(base + 2 * split * C, m2, mask=col_mask)
+
+
+@triton.jit
+def _bn_stats_combine_kernel(partial_ptr, mean_ptr, var_ptr, C, SPLIT, BLOCK_C: tl.constexpr):
+    """Merge the splits' (count, mean, M2) into each channel's mean and biased variance."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s in range(0, SPLIT):
+        base = partial_ptr + s * C + cols
+        part_count = tl.load(base, mask=col_mask, other=0.0)
+        part_mean = tl.load(base + SPLIT * C, mask=col_mask, other=0.0)
+        part_m2 = tl.load(base + 2 * SPLIT * C, mask=col_mask, other=0.0)
+        new_count = count + part_count
+        # A split past the last row has count 0; dividing by 1 instead leaves the running moments as they are.
+        ratio = part_count / tl.where(new_count > 0, new_count, 1.0)
+        delta = part_mean - mean
+        mean += delta * ratio
+        m2 += part_m2 + delta * delta * count * ratio
+        count = new_count
+    tl.store(mean_ptr + cols, mean, mask=col_mask)
+    # Columns past C have count 0 and are not stored; the guard only keeps them from dividing 0 by 0.
+    tl.store(var_ptr + cols, m2 / tl.where(count > 0, count, 1.0), mask=col_mask)
+
+
+@triton.jit
+def _bn_running_stats_kernel(mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, C, momentum, unbias,
+                             BLOCK_C: tl.constexpr):
+    """``running = (1 - momentum) * running + momentum * batch``, the variance unbiased, as nn.BatchNorm2d."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    mean = tl.load(mean_ptr + cols, mask=mask, other=0.0)
+    var = tl.load(var_ptr + cols, mask=mask, other=0.0)
+    running_mean = tl.load(running_mean_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    running_var = tl.load(running_var_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    running_mean = (1.0 - momentum) * running_mean + momentum * mean
+    running_var = (1.0 - momentum) * running_var + momentum * (var * unbias)
+    tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask)
+    tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps):
+    mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+    weight = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return mean, rstd, weight, bias
+
+
+@triton.jit
+def _bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, H, W, R, eps,
+                        sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``y = relu((x - mean) * rstd * weight + bias)``; mean/var are batch or running statistics."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    mean, rstd, weight, bias = _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps)
+    x_offs = _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + cols.to(tl.int64)[None, :] * sx_c
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+    # (x - mean) first: the folded form x*scale + shift cancels when |mean| >> std.
+    y = tl.maximum((x - mean[None, :]) * (rstd * weight)[None, :] + bias[None, :], 0.0)
+    y_offs = _row_offsets(rows, H, W, sy_n, sy_h, sy_w)[:, None] + cols.to(tl.int64)[None, :] * sy_c
+    tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bn_relu_bwd_reduce_kernel(x_ptr, dy_ptr, partial_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+                               C, H, W, R, rows_per_split, eps,
+                               sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
+                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per split: ``sum(g)`` and ``sum(g * xhat)`` per channel, g = dy masked by the ReLU."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    split = tl.num_programs(1)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mean, rstd, weight, bias = _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps)
+    r_start = pid_s * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    sum_g_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < r_end)[:, None] & col_mask[None, :]
+        x_offs = _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + cols.to(tl.int64)[None, :] * sx_c
+        d_offs = _row_offsets(rows, H, W, sd_n, sd_h, sd_w)[:, None] + cols.to(tl.int64)[None, :] * sd_c
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + d_offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        g = tl.where(xhat * weight[None, :] + bias[None, :] > 0.0, dy, 0.0)
+        sum_g += tl.sum(g, axis=0)
+        sum_g_xhat += tl.sum(g * xhat, axis=0)
+    base = partial_ptr + pid_s * C + cols
+    tl.store(base, sum_g, mask=col_mask)
+    tl.store(base + split * C, sum_g_xhat, mask=col_mask)
+
+
+@triton.jit
+def _bn_relu_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, dbias_ptr, dweight_ptr,
+                           C, H, W, R, eps, inv_count,
+                           sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w, so_n, so_c, so_h, so_w,
+                           BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx of BN+ReLU; with ACCUMULATE it is added to what dx already holds (the block's gradient buffer)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    mean, rstd, weight, bias = _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps)
+    col_off = cols.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + col_off * sx_c,
+                mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + _row_offsets(rows, H, W, sd_n, sd_h, sd_w)[:, None] + col_off * sd_c,
+                 mask=mask, other=0.0).to(tl.float32)
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    g = tl.where(xhat * weight[None, :] + bias[None, :] > 0.0, dy, 0.0)
+    if BATCH_STATS:
+        # The batch mean and variance depend on x too: project out their directions.
+        dbias = tl.load(dbias_ptr + cols, mask=col_mask, other=0.0)
+        dweight = tl.load(dweight_ptr + cols, mask=col_mask, other=0.0)
+        g = g - (dbias[None, :] + xhat * dweight[None, :]) * inv_count
+    dx = g * (weight * rstd)[None, :]
+    out_offs = _row_offsets(rows, H, W, so_n, so_h, so_w)[:, None] + col_off * so_c
+    if ACCUMULATE:
+        dx += tl.load(dx_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + out_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch wrappers: check, allocate, launch.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _alloc(shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+           memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Every tensor a kernel here writes from scratch is allocated by this one function (tests poison it)."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device, memory_format=memory_format)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when channels are x's innermost dimension (also for a prefix view of such a buffer)."""
+    return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
+
+
+def _tile(x: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): wide in channels where channels are contiguous, wide in rows where pixels are.
+
+    About 2K elements a tile (4 warps, 16 elements a thread). Starting points for GPU tuning, not measured yet.
+    """
+    n, c, h, w = x.shape
+    rows = n * h * w
+    if _memory_format(x) == torch.channels_last:
+        block_c = min(64, triton.next_power_of_2(c))
+    else:
+        block_c = min(4, triton.next_power_of_2(c))
+    block_r = min(2048 // block_c, triton.next_power_of_2(rows))
+    return block_r, block_c
+
+
+def _split(rows: int, block_r: int, channel_blocks: int) -> tuple[int, int]:
+    """(splits, rows_per_split) for a row reduction: enough programs to fill the device, whole tiles each."""
+    splits = max(1, min(triton.cdiv(rows, block_r), _REDUCTION_PROGRAMS // channel_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    return triton.cdiv(rows, rows_per_split), rows_per_split
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2), x.stride(3)
+
+
+def _check_4d(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point (float32, bfloat16, float16 or float64); got {x.dtype}")
+
+
+def _check_channel_vectors(channels: int, device: torch.device, **vectors: torch.Tensor | None) -> None:
+    for name, v in vectors.items():
+        if v is None:
+            raise ValueError(f"{name} is required (BatchNorm with affine=False is not supported)")
+        if v.shape != (channels,) or v.device != device:
+            raise ValueError(f"{name} must have shape ({channels},) on {device}; got {tuple(v.shape)} on {v.device}")
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of a 4-D tensor (any strides), float32 ``[C]`` each."""
+    _check_4d(x, "x")
+    n, c, h, w = x.shape
+    rows = n * h * w
+    if rows < 2:
+        raise ValueError(f"batch statistics need more than 1 value per channel; got input of shape {tuple(x.shape)}")
+    mean = _alloc((c,), torch.float32, x.device)
+    var = _alloc((c,), torch.float32, x.device)
+    _batch_norm_stats_into(x, mean, var)
+    return mean, var
+
+
+def _batch_norm_stats_into(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write x's per-channel mean and biased variance into the float32 vectors ``mean`` and ``var``."""
+    n, c, h, w = x.shape
+    rows = n * h * w
+    block_r, block_c = _tile(x)
+    channel_blocks = triton.cdiv(c, block_c)
+    splits, rows_per_split = _split(rows, block_r, channel_blocks)
+    partial = _alloc((3, splits, c), torch.float32, x.device)
+    _bn_stats_kernel[(channel_blocks, splits)](x, partial, c, h, w, rows, rows_per_split, *_strides(x),
+                                               BLOCK_R=block_r, BLOCK_C=block_c)
+    combine_block = min(1024, triton.next_power_of_2(c))
+    _bn_stats_combine_kernel[(triton.cdiv(c, combine_block),)](partial, mean, var, c, splits,
+                                                               BLOCK_C=combine_block)
+
+
+def update_running_stats(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                         running_var: torch.Tensor, momentum: float, count: int) -> None:
+    """nn.BatchNorm2d's running update in place from a batch of ``count`` values a channel (biased ``var``)."""
+    c = running_mean.shape[0]
+    _check_channel_vectors(c, running_mean.device, mean=mean, var=var, running_var=running_var)
+    block_c = min(1024, triton.next_power_of_2(c))
+    _bn_running_stats_kernel[(triton.cdiv(c, block_c),)](mean, var, running_mean, running_var, c,
+                                                          float(momentum), count / (count - 1), BLOCK_C=block_c)
+
+
+def bn_relu_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``relu((x - mean) / sqrt(var + eps) * weight + bias)`` in one pass; output dense in x's layout."""
+    _check_4d(x, "x")
+    n, c, h, w = x.shape
+    _check_channel_vectors(c, x.device, mean=mean, var=var, weight=weight, bias=bias)
+    y = _alloc(x.shape, out_dtype or x.dtype, x.device, _memory_format(x))
+    block_r, block_c = _tile(x)
+    rows = n * h * w
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(c, block_c))
+    _bn_relu_fwd_kernel[grid](x, y, mean, var, weight, bias, c, h, w, rows, float(eps),
+                              *_strides(x), *_strides(y), BLOCK_R=block_r, BLOCK_C=block_c)
+    return y
+
+
+def bn_relu_backward(x: torch.Tensor, grad_y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                     weight: torch.Tensor, bias: torch.Tensor, eps: float, *, batch_stats: bool,
+                     grad_x_accumulate: torch.Tensor | None = None, need_grad_x: bool = True,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`bn_relu_apply`: ``(grad_x, grad_weight, grad_bias)``.
+
+    ``batch_stats``: mean/var were x's own batch statistics (training), so their gradient flows into x.
+    ``grad_x_accumulate``: add grad_x into this tensor in place (and return it) instead of allocating one.
+    """
+    _check_4d(x, "x")
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}; got {tuple(grad_y.shape)}")
+    n, c, h, w = x.shape
+    _check_channel_vectors(c, x.device, mean=mean, var=var, weight=weight, bias=bias)
+    rows = n * h * w
+    block_r, block_c = _tile(x)
+    channel_blocks = triton.cdiv(c, block_c)
+    splits, rows_per_split = _split(rows, block_r, channel_blocks)
+    partial = _alloc((2, splits, c), torch.float32, x.device)
+    _bn_relu_bwd_reduce_kernel[(channel_blocks, splits)](
+        x, grad_y, partial, mean, var, weight, bias, c, h, w, rows, rows_per_split, float(eps),
+        *_strides(x), *_strides(grad_y), BLOCK_R=block_r, BLOCK_C=block_c)
+    grad_bias, grad_weight = partial.sum(dim=1)
+    grad_x = None
+    if need_grad_x:
+        if grad_x_accumulate is None:
+            grad_x = _alloc(x.shape, x.dtype, x.device, _memory_format(x))
+        else:
+            if grad_x_accumulate.shape != x.shape:
+                raise ValueError(f"grad_x_accumulate must have x's shape {tuple(x.shape)}; "
+                                 f"got {tuple(grad_x_accumulate.shape)}")
+            grad_x = grad_x_accumulate
+        grid = (triton.cdiv(rows, block_r), channel_blocks)
+        _bn_relu_bwd_dx_kernel[grid](
+            x, grad_y, grad_x, mean, var, weight, bias, grad_bias, grad_weight, c, h, w, rows, float(eps),
+            1.0 / rows, *_strides(x), *_strides(grad_y), *_strides(grad_x),
+            BATCH_STATS=batch_stats, ACCUMULATE=grad_x_accumulate is not None, BLOCK_R=block_r, BLOCK_C=block_c)
+    return grad_x, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# BN+ReLU as one differentiable op (what a kernel benchmark calls alone).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _normalization_stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                         training: bool, momentum: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(mean, var, batch_stats) the way nn.BatchNorm2d picks them; updates the running statistics in training."""
+    if not training and running_mean is not None and running_var is not None:
+        return running_mean, running_var, False
+    mean, var = batch_norm_stats(x)
+    if training and running_mean is not None and running_var is not None:
+        if momentum is None:
+            raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
+                             "1/num_batches_tracked for momentum=None)")
+        n, _, h, w = x.shape
+        update_running_stats(mean, var, running_mean, running_var, momentum, n * h * w)
+    return mean, var, True
+
+
+class _BnReluFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+        mean, var, batch_stats = _normalization_stats(x, running_mean, running_var, training, momentum)
+        y = bn_relu_apply(x, mean, var, weight, bias, eps)
+        # Saved: x and the statistics, not y (the consumer of y keeps it if it needs it).
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.batch_stats = batch_stats
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = bn_relu_backward(x, grad_y, mean, var, weight, bias, ctx.eps,
+                                                          batch_stats=ctx.batch_stats,
+                                                          need_grad_x=ctx.needs_input_grad[0])
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+            running_var: torch.Tensor | None, *, training: bool, momentum: float | None = 0.1,
+            eps: float = 1e-5) -> torch.Tensor:
+    """``relu(F.batch_norm(x, ...))`` fused: same arguments and running-statistics update, differentiable.
+
+    ``x`` may be any strided 4-D tensor, a channel-prefix view of a larger buffer included (read in place).
+    Training reads x twice (statistics, then normalize); eval once. See :func:`bn_relu_bytes_moved`.
+    """
+    return _BnReluFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def bn_relu_bytes_moved(shape: Sequence[int], dtype: torch.dtype, *, training: bool,
+                        out_dtype: torch.dtype | None = None, param_dtype: torch.dtype = torch.float32) -> int:
+    """Least bytes :func:`bn_relu`'s forward must move: x read once, y written once, per-channel vectors.
+
+    Per-channel: weight, bias and the two statistics read; in training the two running statistics also
+    written. The kernels read x twice in training (the statistics must be complete before any element is
+    normalized), so their achieved bandwidth against this figure tops out near 2/3 of the roofline there.
+    """
+    n, c, h, w = shape
+    elements = n * c * h * w
+    x_bytes = elements * torch.empty((), dtype=dtype).element_size()
+    y_bytes = elements * torch.empty((), dtype=out_dtype or dtype).element_size()
+    vector_bytes = c * torch.empty((), dtype=param_dtype).element_size()
+    return x_bytes + y_bytes + vector_bytes * (6 if training else 4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dense block.
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NormState:
+    """A BatchNorm's non-differentiable state for one call: running statistics, their update, eps."""
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    momentum: float | None
+    """The exponential-average factor of this call (nn.BatchNorm2d's ``1/num_batches_tracked`` resolved)."""
+    eps: float
+
+
+class DenseLayerTensors(NamedTuple):
+    """One dense layer: norm1 and conv1, and for BC layers norm2 and conv2 (None for plain layers)."""
+
+    norm1_weight: torch.Tensor
+    norm1_bias: torch.Tensor
+    norm1: NormState
+    conv1_weight: torch.Tensor
+    norm2_weight: torch.Tensor | None = None
+    norm2_bias: torch.Tensor | None = None
+    norm2: NormState | None = None
+    conv2_weight: torch.Tensor | None = None
+
+    @property
+    def bottleneck(self) -> bool:
+        return self.conv2_weight is not None
+
+
+def _same_padding(weight: torch.Tensor) -> tuple[int, int]:
+    """A dense layer keeps H and W (its output is concatenated): stride 1, padding (kernel - 1) / 2."""
+    return weight.shape[2] // 2, weight.shape[3] // 2
+
+
+def _conv_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _conv_forward(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv2d(z, weight.to(z.dtype), None, 1, _same_padding(weight))
+
+
+def _conv_backward(grad_y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    grad_z, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_y.to(z.dtype), z, weight.to(z.dtype), None, [1, 1], list(_same_padding(weight)), [1, 1], False,
+        [0, 0], 1, [True, True, False])
+    return grad_z, grad_weight.to(weight.dtype)
+
+
+def _layer_channels(in_channels: int, growth_rate: int, index: int) -> int:
+    return in_channels + index * growth_rate
+
+
+@dataclass
+class _BlockForward:
+    """What a forward leaves for backward: the buffer, the channel statistics, each BC layer's h and stats."""
+
+    buffer: torch.Tensor | None
+    """The block's output; the autograd Function moves it to save_for_backward and leaves None here."""
+    channel_mean: torch.Tensor | None
+    channel_var: torch.Tensor | None
+    bottleneck: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+    conv_dtype: torch.dtype
+
+
+def _norm_inputs(layer_norm: NormState, channel_mean: torch.Tensor | None, channel_var: torch.Tensor | None,
+                 channels: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(mean, var, batch_stats) a layer's norm1 uses on its prefix: shared batch stats or its running ones."""
+    if training or layer_norm.running_mean is None:
+        return channel_mean[:channels], channel_var[:channels], True
+    return layer_norm.running_mean, layer_norm.running_var, False
+
+
+def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], training: bool,
+                         keep_for_backward: bool) -> _BlockForward:
+    n, c_in, h, w = x.shape
+    growth = layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
+    c_out = _layer_channels(c_in, growth, len(layers))
+    buffer = _alloc((n, c_out, h, w), x.dtype, x.device, _memory_format(x))
+    buffer[:, :c_in].copy_(x)
+    conv_dtype = _conv_dtype(x)
+    rows = n * h * w
+    batch_stats_needed = any(training or layer.norm1.running_mean is None for layer in layers)
+    channel_mean = channel_var = None
+    if batch_stats_needed:
+        if rows < 2:
+            raise ValueError(f"batch statistics need more than 1 value per channel; got input {tuple(x.shape)}")
+        channel_mean = _alloc((c_out,), torch.float32, x.device)
+        channel_var = _alloc((c_out,), torch.float32, x.device)
+        _batch_norm_stats_into(x, channel_mean[:c_in], channel_var[:c_in])
+    bottleneck_saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    # The convolutions run in conv_dtype explicitly (autocast's choice), so backward can repeat them exactly.
+    with torch.autocast(x.device.type, enabled=False):
+        for index, layer in enumerate(layers):
+            c = _layer_channels(c_in, growth, index)
+            prefix = buffer[:, :c]
+            mean, var, batch_stats = _norm_inputs(layer.norm1, channel_mean, channel_var, c, training)
+            if training and layer.norm1.running_mean is not None:
+                update_running_stats(mean, var, layer.norm1.running_mean, layer.norm1.running_var,
+                                     layer.norm1.momentum, rows)
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps, conv_dtype)
+            out = _conv_forward(z, layer.conv1_weight)
+            del z
+            saved = None
+            if layer.bottleneck:
+                hidden = out
+                mean2, var2, _ = _normalization_stats(hidden, layer.norm2.running_mean, layer.norm2.running_var,
+                                                      training, layer.norm2.momentum)
+                a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
+                out = _conv_forward(a, layer.conv2_weight)
+                del a
+                if keep_for_backward:
+                    saved = (hidden, mean2, var2)
+            bottleneck_saved.append(saved)
+            buffer[:, c:c + growth].copy_(out)
+            if batch_stats_needed and index + 1 < len(layers):
+                # From the buffer, not `out`: the statistics must be those of the stored (rounded) channels.
+                _batch_norm_stats_into(buffer[:, c:c + growth], channel_mean[c:c + growth],
+                                       channel_var[c:c + growth])
+    return _BlockForward(buffer, channel_mean, channel_var, bottleneck_saved, conv_dtype)
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    """The whole dense block as one autograd node; inputs: x, the layer specs, then every parameter."""
+
+    @staticmethod
+    def forward(ctx, x, layers, training, *params):
+        state = _dense_block_forward(x, layers, training, keep_for_backward=True)
+        # The buffer is the output and saved as such; params are inputs. The statistics and each BC
+        # layer's h are intermediates no one else holds, so they ride on ctx.
+        # The buffer leaves ctx.state: an output held on ctx (not through save_for_backward) would make a
+        # reference cycle output -> grad_fn -> ctx -> output and skip the version check.
+        ctx.save_for_backward(state.buffer)
+        buffer, state.buffer = state.buffer, None
+        ctx.state = state
+        ctx.layers = layers
+        ctx.training = training
+        ctx.in_channels = x.shape[1]
+        return buffer
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (buffer,) = ctx.saved_tensors
+        state: _BlockForward = ctx.state
+        layers: Sequence[DenseLayerTensors] = ctx.layers
+        c_in = ctx.in_channels
+        growth = (buffer.shape[1] - c_in) // len(layers)
+        # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
+        # complete once every later layer has been walked, which is when its own layer is reached.
+        grad_buffer = grad_out.clone(memory_format=_memory_format(buffer))
+        grads_per_layer = []
+        with torch.autocast(buffer.device.type, enabled=False):
+            for index in reversed(range(len(layers))):
+                layer = layers[index]
+                c = _layer_channels(c_in, growth, index)
+                grad_out_l = grad_buffer[:, c:c + growth]
+                grads = {}
+                if layer.bottleneck:
+                    hidden, mean2, var2 = state.bottleneck[index]
+                    a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
+                    grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
+                    del a
+                    batch2 = ctx.training or layer.norm2.running_mean is None
+                    grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
+                        hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
+                        batch_stats=batch2)
+                    del grad_a
+                    grad_out_l = grad_hidden
+                prefix = buffer[:, :c]
+                mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c,
+                                                      ctx.training)
+                z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                                  state.conv_dtype)
+                grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
+                del z, grad_out_l
+                need_grad_prefix = index > 0 or ctx.needs_input_grad[0]
+                _, grads["norm1_weight"], grads["norm1_bias"] = bn_relu_backward(
+                    prefix, grad_z, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                    batch_stats=batch_stats, grad_x_accumulate=grad_buffer[:, :c], need_grad_x=need_grad_prefix)
+                del grad_z
+                grads_per_layer.append(grads)
+        grads_per_layer.reverse()
+        param_grads = []
+        for layer, grads in zip(layers, grads_per_layer, strict=True):
+            param_grads += [grads["norm1_weight"], grads["norm1_bias"], grads["conv1"]]
+            if layer.bottleneck:
+                param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
+        grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) \
+            if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None, *param_grads)
+
+
+def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
+    params = [layer.norm1_weight, layer.norm1_bias, layer.conv1_weight]
+    if layer.bottleneck:
+        params += [layer.norm2_weight, layer.norm2_bias, layer.conv2_weight]
+    return params
+
+
+def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
+    _check_4d(x, "x")
+    if not layers:
+        raise ValueError("a dense block needs at least one layer")
+    bottleneck = layers[0].bottleneck
+    growth = layers[0].conv2_weight.shape[0] if bottleneck else layers[0].conv1_weight.shape[0]
+    for index, layer in enumerate(layers):
+        if layer.bottleneck != bottleneck:
+            raise ValueError(f"layer {index} is {'BC' if layer.bottleneck else 'plain'} but layer 0 is not; "
+                             "a block's layers are all plain or all BC")
+        c = _layer_channels(x.shape[1], growth, index)
+        _check_channel_vectors(c, x.device, norm1_weight=layer.norm1_weight, norm1_bias=layer.norm1_bias)
+        last = layer.conv2_weight if bottleneck else layer.conv1_weight
+        if layer.conv1_weight.shape[1] != c or last.shape[0] != growth:
+            raise ValueError(f"layer {index}: conv1 must read {c} channels and the layer must write {growth}; "
+                             f"got conv1 {tuple(layer.conv1_weight.shape)}, last conv {tuple(last.shape)}")
+        for weight in (layer.conv1_weight, layer.conv2_weight):
+            if weight is not None and (weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0):
+                raise ValueError(f"layer {index}: dense convolutions keep H and W, so kernels must be odd; "
+                                 f"got {tuple(weight.shape[2:])}")
+
+
+def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors], *, training: bool) -> torch.Tensor:
+    """DenseNet block ``cat(x, f_0, f_1, ...)`` into one buffer, f_l = layer l on the channel prefix.
+
+    Same result, gradients and running-statistics updates as the eager block (nn.BatchNorm2d semantics,
+    BN in training uses batch statistics); training memory grows linearly in depth (see the module docstring).
+    Differentiable when grad mode is on and x or a parameter requires grad; otherwise nothing is kept.
+    """
+    _check_block(x, layers)
+    params = [p for layer in layers for p in _layer_params(layer)]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return _DenseBlockFunction.apply(x, tuple(layers), training, *params)
+    return _dense_block_forward(x, layers, training, keep_for_backward=False).buffer

@@ -1,0 +1,424 @@
+"""Regression tracking: ``perfkit compare BASE NEW [--threshold 5%]``.
+
+Cells of the two runs are matched by their parameters (kind, block, variant, mode, dtype, batch) and their
+device. For each timed pair: the ratio of median step times NEW/BASE with a bootstrap confidence interval
+from the stored rounds, a Mann-Whitney U p-value (normal approximation, as asv uses a rank test), and a
+verdict against the threshold band ``[1/(1+t), 1+t]``, symmetric in log space as asv's ``--factor`` is:
+
+- ``slower`` (a regression): the whole interval above ``1+t``;
+- ``faster``: the whole interval below ``1/(1+t)``;
+- ``unchanged``: the whole interval inside the band;
+- ``noisy`` (too noisy to tell): the interval straddles an edge of the band.
+
+Deterministic counters (FLOPs, parameters, bytes moved, and the peak memory when its method is exact)
+are compared exactly; any increase is a regression. A cell that was ok and now fails, runs out of memory
+or raises is a regression too. Exit status: 0 no regression, 1 regression, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from perfkit.record import Record
+from perfkit.report import ResultsError, device_name, device_slug, load_results
+
+EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+SEED = 0
+"""The bootstrap's RNG seed: the same two files always give the same intervals and verdicts."""
+COUNTERS = ("flops_per_step", "params", "bytes_per_step", "peak_memory_rise_bytes")
+EXACT_MEMORY_METHODS = ("torch.profiler", "torch.cuda.max_memory_allocated", "cuda caching allocator")
+"""Prefixes of ``memory_method`` whose figures repeat exactly for the same code, shape and variant: the CPU
+profiler's allocator events, and the CUDA caching allocator's peak statistics."""
+
+
+class CompareError(ValueError):
+    """Inputs that cannot be compared; the message says which and why."""
+
+
+def parse_threshold(text: str) -> float:
+    """``"5%"`` or ``"0.05"`` -> 0.05; a threshold must be positive."""
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not value > 0:
+        raise ValueError(f"threshold {text!r} must be positive, e.g. 5% or 0.05")
+    return value
+
+
+def _key(record: Record, cross_device: bool) -> tuple:
+    params = (record.kind, record.block, record.variant, record.mode, record.dtype, record.batch)
+    return params if cross_device else (device_slug(record.device), *params)
+
+
+def _label(key: tuple, cross_device: bool) -> str:
+    kind, block, variant, mode, dtype, batch = key if cross_device else key[1:]
+    return f"{block} {variant} {mode} {dtype} b{batch}" + ("" if kind == "block" else f" [{kind}]")
+
+
+# -------------------------------------------------------------------------------------------- statistics
+
+def bootstrap_ratio_ci(base_s: Sequence[float], new_s: Sequence[float], confidence: float = CONFIDENCE,
+                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of median(new)/median(base), each run's rounds resampled on its own."""
+    rng = np.random.default_rng(seed)
+    base, new = np.asarray(base_s, dtype=float), np.asarray(new_s, dtype=float)
+    base_medians = np.median(base[rng.integers(0, base.size, (resamples, base.size))], axis=1)
+    new_medians = np.median(new[rng.integers(0, new.size, (resamples, new.size))], axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(new_medians / base_medians, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def mann_whitney_p(base_s: Sequence[float], new_s: Sequence[float]) -> float:
+    """Two-sided p-value of the Mann-Whitney U test, normal approximation with the tie correction."""
+    base, new = np.asarray(base_s, dtype=float), np.asarray(new_s, dtype=float)
+    n1, n2 = base.size, new.size
+    values = np.concatenate([base, new])
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(values.size)
+    ranks[order] = np.arange(1, values.size + 1)
+    # Tied values share the mean of their ranks.
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ranks = np.bincount(inverse, weights=ranks)[inverse] / counts[inverse]
+    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
+    n = n1 + n2
+    variance = n1 * n2 / 12 * ((n + 1) - (counts**3 - counts).sum() / (n * (n - 1)))
+    if variance <= 0:
+        return 1.0
+    z = (abs(u - n1 * n2 / 2) - 0.5) / math.sqrt(variance)  # 0.5: continuity correction
+    return float(math.erfc(max(z, 0.0) / math.sqrt(2)))
+
+
+def verdict(low: float, high: float, threshold: float) -> str:
+    """``slower``, ``faster``, ``unchanged`` or ``noisy`` for an interval of the NEW/BASE ratio."""
+    upper, lower = 1 + threshold, 1 / (1 + threshold)
+    if low > upper:
+        return "slower"
+    if high < lower:
+        return "faster"
+    if lower <= low and high <= upper:
+        return "unchanged"
+    return "noisy"
+
+
+# --------------------------------------------------------------------------------------------- comparing
+
+@dataclass
+class TimingRow:
+    """The timing comparison of one cell."""
+
+    label: str
+    base_median_s: float
+    new_median_s: float
+    ratio: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    verdict: str
+
+
+@dataclass
+class Finding:
+    """A cell-level change outside the timings: a counter that moved, a status that changed."""
+
+    label: str
+    what: str
+    base: object
+    new: object
+    regression: bool
+
+
+@dataclass
+class Comparison:
+    """Everything ``perfkit compare`` found; ``regressions`` decides the exit status."""
+
+    base_path: str
+    new_path: str
+    threshold: float
+    cross_device: bool
+    devices: tuple[str, str]
+    timings: list[TimingRow] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    unmatched_base: list[str] = field(default_factory=list)
+    unmatched_new: list[str] = field(default_factory=list)
+
+    @property
+    def regressions(self) -> list[str]:
+        """Labels of every regression: slower cells, counters that rose, cells that stopped working."""
+        return [t.label for t in self.timings if t.verdict == "slower"] + [
+            f"{f.label}: {f.what}" for f in self.findings if f.regression]
+
+
+def _cells(records: list[Record], path: str, cross_device: bool) -> dict[tuple, Record]:
+    cells: dict[tuple, Record] = {}
+    for record in records:
+        key = _key(record, cross_device)
+        if key in cells and cross_device and device_slug(cells[key].device) != device_slug(record.device):
+            raise CompareError(f"{path} holds the cell {_label(key, True)} for several devices; "
+                               "--allow-cross-device needs one device per file")
+        cells.pop(key, None)
+        cells[key] = record  # the last record of a cell wins, as in the report
+    return cells
+
+
+def _exact_memory(record: Record) -> bool:
+    method = (record.memory_method or "").lower()
+    return any(method.startswith(m.lower()) for m in EXACT_MEMORY_METHODS)
+
+
+def _compare_counters(label: str, base: Record, new: Record, findings: list[Finding]) -> None:
+    for counter in COUNTERS:
+        before, after = getattr(base, counter), getattr(new, counter)
+        if before is None or after is None or before == after:
+            continue
+        if counter == "peak_memory_rise_bytes":
+            if base.memory_method != new.memory_method or not _exact_memory(base):
+                continue
+        findings.append(Finding(label, counter, before, after, regression=after > before))
+
+
+def compare_records(base: list[Record], new: list[Record], *, threshold: float = 0.05,
+                    cross_device: bool = False, base_path: str = "BASE", new_path: str = "NEW") -> Comparison:
+    """Compare two runs cell by cell; CompareError if their devices differ (unless ``cross_device``) or
+    they have no cell in common."""
+    base_devices = sorted({device_slug(r.device) for r in base})
+    new_devices = sorted({device_slug(r.device) for r in new})
+    if not base or not new:
+        raise CompareError(f"{base_path if not base else new_path} holds no benchmark cells")
+    if not cross_device and not set(base_devices) & set(new_devices):
+        names = lambda rs: ", ".join(sorted({device_name(r.device) for r in rs}))  # noqa: E731
+        raise CompareError(
+            f"{base_path} ran on {names(base)} and {new_path} on {names(new)}: step times from different "
+            "devices measure the hardware, not the change, so they are not compared. Compare runs from the "
+            "same device, or pass --allow-cross-device to see the ratios anyway (no regression is then "
+            "trusted to mean the code got slower).")
+    base_cells, new_cells = _cells(base, base_path, cross_device), _cells(new, new_path, cross_device)
+    common = [k for k in base_cells if k in new_cells]
+    if not common:
+        raise CompareError(f"{base_path} and {new_path} have no cell in common (matched by device, kind, block, "
+                           f"variant, mode, dtype and batch; {len(base_cells)} and {len(new_cells)} cells)")
+    comparison = Comparison(base_path, new_path, threshold, cross_device,
+                            (", ".join(base_devices), ", ".join(new_devices)))
+    comparison.unmatched_base = [_label(k, cross_device) for k in base_cells if k not in new_cells]
+    comparison.unmatched_new = [_label(k, cross_device) for k in new_cells if k not in base_cells]
+    for key in common:
+        b, n = base_cells[key], new_cells[key]
+        label = _label(key, cross_device)
+        if b.status != n.status:
+            broke = b.status == "ok" and n.status in ("failed", "oom", "error")
+            comparison.findings.append(Finding(label, "status", b.status, n.status, regression=broke))
+        _compare_counters(label, b, n, comparison.findings)
+        if b.status == n.status == "ok" and b.times_s and n.times_s:
+            base_median, new_median = float(np.median(b.times_s)), float(np.median(n.times_s))
+            low, high = bootstrap_ratio_ci(b.times_s, n.times_s)
+            comparison.timings.append(TimingRow(
+                label, base_median, new_median, new_median / base_median, low, high,
+                mann_whitney_p(b.times_s, n.times_s), verdict(low, high, threshold)))
+    return comparison
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+def _time(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+VERDICT_TEXT = {"slower": "SLOWER (regression)", "faster": "faster", "unchanged": "unchanged",
+                "noisy": "too noisy to tell"}
+
+
+def _summary(c: Comparison) -> str:
+    counts = {v: sum(t.verdict == v for t in c.timings) for v in VERDICT_TEXT}
+    text = (f"{len(c.timings)} timed cells compared at ±{c.threshold:.0%}: " + ", ".join(
+        f"{n} {VERDICT_TEXT[v]}" for v, n in counts.items() if n) + ".")
+    regressions = c.regressions
+    return text + (f" {len(regressions)} regression(s)." if regressions else " No regression.")
+
+
+def render(c: Comparison, fmt: str = "markdown") -> str:
+    """The comparison as a markdown report or aligned plain text."""
+    header = ("cell", "base", "new", "new/base", f"{CONFIDENCE:.0%} CI", "p (U test)", "verdict")
+    rows = [(t.label, _time(t.base_median_s), _time(t.new_median_s), f"{t.ratio:.3f}",
+             f"[{t.ci_low:.3f}, {t.ci_high:.3f}]", f"{t.p_value:.3g}", VERDICT_TEXT[t.verdict])
+            for t in sorted(c.timings, key=lambda t: (t.verdict != "slower", t.label))]
+    finding_header = ("cell", "what", "base", "new", "regression")
+    finding_rows = [(f.label, f.what, f"{f.base:,}" if isinstance(f.base, int) else str(f.base),
+                     f"{f.new:,}" if isinstance(f.new, int) else str(f.new), "yes" if f.regression else "no")
+                    for f in c.findings]
+    devices = c.devices[0] if c.devices[0] == c.devices[1] else f"{c.devices[0]} vs {c.devices[1]}"
+    intro = [f"Comparing {c.base_path} (base) with {c.new_path} (new) on {devices}"
+             + (" (cross-device: ratios compare hardware as much as code)" if c.cross_device else "") + ".",
+             _summary(c)]
+    unmatched = []
+    if c.unmatched_base:
+        unmatched.append(f"Only in base ({len(c.unmatched_base)}): " + ", ".join(c.unmatched_base))
+    if c.unmatched_new:
+        unmatched.append(f"Only in new ({len(c.unmatched_new)}): " + ", ".join(c.unmatched_new))
+    if fmt == "markdown":
+        def table(head: tuple, body: list[tuple]) -> list[str]:
+            return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                    *("| " + " | ".join(str(x).replace("|", "\\|") for x in r) + " |" for r in body)]
+        lines = ["# perfkit compare", "", *intro, "", "## Step time", ""]
+        lines += table(header, rows) if rows else ["No cell was timed in both runs."]
+        if finding_rows:
+            lines += ["", "## Counters and status", "", *table(finding_header, finding_rows)]
+        if unmatched:
+            lines += ["", "## Unmatched cells", "", *(f"- {u}" for u in unmatched)]
+        return "\n".join(lines) + "\n"
+    if fmt != "text":
+        raise ValueError(f"format {fmt!r} is not one of markdown, text")
+
+    def aligned(head: tuple, body: list[tuple]) -> list[str]:
+        widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+        return ["  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip() for r in [head, *body]]
+    lines = [*intro, ""]
+    lines += aligned(header, rows) if rows else ["No cell was timed in both runs."]
+    if finding_rows:
+        lines += ["", "Counters and status:", *aligned(finding_header, finding_rows)]
+    if unmatched:
+        lines += ["", *unmatched]
+    return "\n".join(lines) + "\n"
+
+
+def compare_files(base_path: str | Path, new_path: str | Path, *, threshold: float = 0.05,
+                  cross_device: bool = False) -> Comparison:
+    """Load two results files (pytest-benchmark JSON or JSON lines) and compare them."""
+    base, new = load_results(base_path), load_results(new_path)
+    return compare_records(base.records, new.records, threshold=threshold, cross_device=cross_device,
+                           base_path=str(base_path), new_path=str(new_path))
+
+
+def run_compare(base_path: str, new_path: str, *, threshold: float = 0.05, cross_device: bool = False,
+                fmt: str = "markdown") -> tuple[int, str]:
+    """What ``perfkit compare`` prints and its exit status: 0 no regression, 1 regression, 2 bad input."""
+    try:
+        comparison = compare_files(base_path, new_path, threshold=threshold, cross_device=cross_device)
+    except (ResultsError, CompareError) as exc:
+        return EXIT_BAD_INPUT, f"perfkit compare: {exc}"
+    return (EXIT_REGRESSION if comparison.regressions else EXIT_OK), render(comparison, fmt)
+
+
+# ------------------------------------------------------------------------------------------ counter baseline
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASELINE_PATH = REPO_ROOT / "benchmarks" / "baselines" / "cpu-quick-counters.json"
+BASELINE_SCHEMA = "perfkit.counters/1"
+BASELINE_VARIANTS = ("eager", "channels_last")
+"""Variants whose CPU counters are gated. bf16 (CPU autocast) is left out: see ``write_baseline``."""
+BASELINE_STEPS_BEFORE = 2
+"""Steps run before the counted one, as the matrix's warm-up does: the first training step allocates SGD's
+momentum buffers, which later steps reuse."""
+
+
+def quick_profile() -> tuple[list[str], int]:
+    """The quick profile's registered blocks and its block batch, read from ``benchmarks/conftest.py``."""
+    import importlib.util
+
+    import perfkit
+
+    conftest = REPO_ROOT / "benchmarks" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_perfkit_benchmarks_conftest", conftest)
+    if spec is None or not conftest.exists():
+        raise FileNotFoundError(f"{conftest} not found: the counter baseline follows the matrix's quick profile")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    profile = module.PROFILES["quick"]
+    import fnmatch
+
+    names = [n for n in perfkit.list_blocks() if any(fnmatch.fnmatchcase(n, p) for p in profile.blocks)]
+    return names, profile.block_batches[0]
+
+
+def cell_counters(name: str, variant: str, mode: str, batch: int) -> dict[str, int]:
+    """The deterministic counters of one quick-profile cell on the CPU, measured the way the matrix does
+    (``perfkit.measure``) but without the gate or any timing."""
+    import torch
+
+    from perfkit.measure import step_flops, step_memory
+    from perfkit.registry import get_entry
+    from perfkit.variants import parse_variant
+
+    entry = get_entry(name)
+    torch.manual_seed(0)
+    model = entry.create()
+    params = sum(p.numel() for p in model.parameters())
+    x = entry.example_input(batch, generator=torch.Generator().manual_seed(1))
+    input_requires_grad = entry.kind == "block"
+    prepared = parse_variant(variant).apply(model, x, mode, input_requires_grad=input_requires_grad)
+    for _ in range(BASELINE_STEPS_BEFORE):
+        prepared.step()
+    _, rise, _ = step_memory(prepared, prepared.step, torch.device("cpu"))
+    return {"flops_per_step": step_flops(entry, batch, False, mode, input_requires_grad), "params": params,
+            "peak_memory_rise_bytes": rise}
+
+
+def compute_baseline() -> dict:
+    """Counters of every quick-profile block x ``BASELINE_VARIANTS`` x mode at the profile's CPU batch."""
+    from perfkit.memory import METHOD
+    from perfkit.variants import MODES
+
+    names, batch = quick_profile()
+    cells = {}
+    for name in names:
+        for variant in BASELINE_VARIANTS:
+            for mode in MODES:
+                cells[f"{name}/{variant}/{mode}/b{batch}"] = cell_counters(name, variant, mode, batch)
+    return {"schema": BASELINE_SCHEMA, "memory_method": METHOD, "shape": "test", "batch": batch,
+            "refresh": "perfkit baseline --write", "cells": cells}
+
+
+def write_baseline(path: str | Path = BASELINE_PATH) -> Path:
+    """Recompute the counters and overwrite the baseline file (``perfkit baseline --write``)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(compute_baseline(), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def diff_baseline(stored: dict, current: dict) -> list[str]:
+    """Every difference between two baselines, one line each, naming the cell, the counter and the values."""
+    problems = []
+    if stored.get("schema") != BASELINE_SCHEMA:
+        return [f"baseline schema {stored.get('schema')!r}, expected {BASELINE_SCHEMA!r}"]
+    for key in ("memory_method", "batch", "shape"):
+        if stored.get(key) != current[key]:
+            problems.append(f"{key}: baseline {stored.get(key)!r}, now {current[key]!r}")
+    old, new = stored.get("cells", {}), current["cells"]
+    for cell in sorted(set(old) | set(new)):
+        if cell not in new:
+            problems.append(f"{cell}: in the baseline but no longer in the quick profile")
+        elif cell not in old:
+            problems.append(f"{cell}: in the quick profile but not in the baseline")
+        else:
+            for counter in sorted(set(old[cell]) | set(new[cell])):
+                before, after = old[cell].get(counter), new[cell].get(counter)
+                if before != after:
+                    change = f" ({(after - before) / before:+.2%})" if before and after is not None else ""
+                    problems.append(f"{cell}: {counter} {before} -> {after}{change}")
+    return problems
+
+
+def check_baseline(path: str | Path = BASELINE_PATH) -> list[str]:
+    """Recompute the counters and list every difference from the baseline file (empty: all match)."""
+    import json
+
+    path = Path(path)
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{path}: cannot read the counter baseline ({exc}); `perfkit baseline --write` creates it"]
+    problems = diff_baseline(stored, compute_baseline())
+    if problems:
+        problems.append("If the change is intended, refresh the baseline with `perfkit baseline --write` and "
+                        "commit it with the change.")
+    return problems

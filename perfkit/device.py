@@ -1,0 +1,97 @@
+"""The identity of the device a measurement ran on, carried in every record and in the JSON's machine_info.
+
+A timing means nothing without the machine: GPU name, memory, SM count, compute capability, driver, CUDA,
+torch and triton versions (and the memory bandwidth from nvidia-ml-py where it is installed), or the CPU
+model and thread count. Queried when asked, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+from typing import Any
+
+import torch
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvml(index: int) -> dict[str, Any]:
+    """Driver version and theoretical memory bandwidth from NVML; empty when nvidia-ml-py is absent."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        memory_clock_mhz = pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM)
+        bus_width_bits = pynvml.nvmlDeviceGetMemoryBusWidth(handle)
+    except pynvml.NVMLError as error:
+        return {"nvml_error": str(error)}
+    # Double data rate: two transfers per memory clock, bus_width_bits / 8 bytes each.
+    return {
+        "driver": driver.decode() if isinstance(driver, bytes) else driver,
+        "memory_bandwidth_gb_per_s": 2 * memory_clock_mhz * 1e6 * bus_width_bits / 8 / 1e9,
+    }
+
+
+@functools.cache
+def _identity(device_str: str) -> tuple[tuple[str, Any], ...]:
+    device = torch.device(device_str)
+    info: dict[str, Any] = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(
+            name=props.name,
+            total_memory_bytes=int(props.total_memory),
+            sm_count=int(props.multi_processor_count),
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=None,
+        )
+        info.update(_nvml(index))
+    else:
+        info.update(
+            name=_cpu_model(),
+            cores=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+            machine=platform.machine(),
+        )
+    return tuple(info.items())
+
+
+def device_identity(device: torch.device | str) -> dict[str, Any]:
+    """A JSON-ready dict naming ``device``: ``name`` is the GPU or CPU model, the rest its particulars."""
+    return dict(_identity(str(torch.device(device))))
+
+
+def default_device() -> torch.device:
+    """CUDA when a GPU is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,125 @@
+"""Variant names, their errors, when they skip, and what applying one does to a module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from perfkit.fused import FUSED_FOR
+from perfkit.variants import VARIANTS, Variant, canonical_name, parse_variant
+
+
+def test_atoms_parse_and_keep_their_name():
+    for atom in VARIANTS:
+        assert parse_variant(atom).name == atom
+
+
+def test_order_does_not_matter():
+    assert parse_variant("bf16+channels_last") == parse_variant("channels_last+bf16")
+    assert canonical_name("compile+bf16+channels_last") == "channels_last+bf16+compile"
+    assert canonical_name("max-autotune+triton+fp16") == "fp16+triton+max-autotune"
+
+
+def test_fields():
+    v = parse_variant("channels_last+fp16+cudagraphs")
+    assert v == Variant(channels_last=True, amp_dtype=torch.float16, compile_mode="reduce-overhead")
+    assert v.compute_dtype == "float16"
+    assert parse_variant("eager") == Variant()
+    assert parse_variant("eager").compute_dtype == "float32"
+    assert parse_variant("bf16+max-autotune").compile_mode == "max-autotune"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bf16+fp32", "unknown variant atom(s) ['fp32']"),
+    ("bf16+fp16", "bf16 and fp16"),
+    ("compile+max-autotune", "compile and max-autotune are different torch.compile modes"),
+    ("cudagraphs+compile", "choose one of compile, max-autotune, cudagraphs"),
+    ("eager+channels_last", "'eager' is the untransformed reference"),
+    ("bf16+bf16", "repeats an atom"),
+])
+def test_bad_names_say_what_is_wrong(name, message):
+    with pytest.raises(ValueError) as info:
+        parse_variant(name)
+    assert message in str(info.value)
+
+
+def test_unknown_atom_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid atoms: eager, channels_last, bf16, fp16, compile, max-autotune"):
+        parse_variant("channel_last")
+
+
+def test_skip_reasons_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    conv = nn.Conv2d(3, 3, 1)
+    assert "fp16 needs a CUDA GPU" in parse_variant("fp16").skip_reason("cpu", conv)
+    assert "cudagraphs needs a CUDA GPU" in parse_variant("cudagraphs").skip_reason("cpu", conv)
+    assert parse_variant("bf16+channels_last").skip_reason("cpu", conv) is None
+    assert "need a CUDA GPU (or TRITON_INTERPRET=1" in parse_variant("triton").skip_reason("cpu", conv)
+
+
+def test_triton_needs_a_fusable_module_with_a_kernel(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "no fused Triton kernel for Conv2d" in parse_variant("triton").skip_reason("cpu", nn.Conv2d(3, 3, 1))
+
+    class Fusable(nn.Identity):
+        pass
+
+    monkeypatch.setitem(FUSED_FOR, Fusable, ("perfkit.fused.not_written_yet", "FusedThing"))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Fusable())
+    reason = parse_variant("triton").skip_reason("cpu", model)
+    assert reason == "the fused module perfkit.fused.not_written_yet is not available yet"
+
+
+def _block() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU())
+
+
+def test_channels_last_converts_weights_and_input():
+    model, x = _block(), torch.randn(2, 4, 5, 5)
+    prepared = parse_variant("channels_last").apply(model, x, "inference")
+    assert prepared.inputs.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.training
+    out = prepared.forward()
+    assert out.is_inference()
+    torch.testing.assert_close(out, _block().eval()(x))
+
+
+def test_bf16_is_autocast_with_float32_weights():
+    model, x = _block(), torch.randn(2, 4, 5, 5)
+    prepared = parse_variant("bf16").apply(model, x, "inference")
+    with torch.inference_mode(), prepared.variant.autocast("cpu"):
+        assert model[0](prepared.inputs).dtype == torch.bfloat16
+    assert model[0].weight.dtype == torch.float32
+    assert prepared.variant.compute_dtype == "bfloat16"
+
+
+def test_training_step_updates_weights_and_drops_grads():
+    model, x = _block(), torch.randn(2, 4, 5, 5)
+    prepared = parse_variant("eager").apply(model, x, "training", input_requires_grad=True)
+    assert model.training
+    before = model[0].weight.detach().clone()
+    out, grads = prepared.forward_backward()
+    # One gradient per parameter, in the module's order, then the input's.
+    assert [g.shape for g in grads] == [p.shape for p in model.parameters()] + [x.shape]
+    assert all(g.abs().sum() > 0 for g in grads)
+    prepared.zero_grad()
+    prepared.step()
+    assert not torch.equal(before, model[0].weight)
+    assert all(p.grad is None for p in model.parameters()) and prepared.inputs.grad is None
+    assert prepared.optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_the_loss_gives_a_batchnorm_output_a_gradient():
+    # With out.sum() as the loss, a BatchNorm output's gradient reaching its input is zero; the step's
+    # random projection is not.
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    prepared = parse_variant("eager").apply(bn, x, "training", input_requires_grad=True)
+    _, grads = prepared.forward_backward()
+    assert grads[-1].norm() > 1e-3 * x.numel() ** 0.5
+
+    bn(x).sum().backward()
+    assert x.grad.norm() < 1e-5
