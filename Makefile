@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# The quick profile on the CPU, the full one where a GPU is present (benchmarks/conftest.py lists the
+# options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run.
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json
+	@mkdir -p $(OUT) && rm -f $(OUT)/results.jsonl
+	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check perfkit kernels benchmarks tests

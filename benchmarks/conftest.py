@@ -14,6 +14,8 @@ option                      environment          meaning
 ``--perfkit-device``        ``PERFKIT_DEVICE``   ``cuda`` when a GPU is present, else ``cpu``
 ``--perfkit-jsonl``         ``PERFKIT_JSONL``    JSON-lines file every cell's record is appended to
                                                  (default ``out/results.jsonl``)
+``--perfkit-kernels``       ``PERFKIT_KERNELS``  kernel cells: comma list of kernels, or ``none``
+                                                 (default: all; their variants are eager, compile, triton)
 ==========================  ===================  ==========================================================
 
 A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
@@ -52,7 +54,7 @@ import torch
 
 import perfkit
 from perfkit.device import default_device, device_identity
-from perfkit.measure import QUICK_POLICY, TimingPolicy, clock_rounds, measure_cell
+from perfkit.measure import QUICK_POLICY, BenchmarkRounds, TimingPolicy, measure_cell
 from perfkit.record import Record, append_jsonl
 from perfkit.variants import MODES, parse_variant
 
@@ -71,6 +73,9 @@ class Profile:
     policy: TimingPolicy
     extra_cells: tuple[tuple[str, str], ...] = field(default=())
     """(entry, variant) pairs added on top: a variant too slow to run on every entry (a first compile)."""
+    kernel_variants: tuple[str, ...] = ("eager", "compile", "triton")
+    kernel_dtypes: tuple[str, ...] = ("float32",)
+    kernel_layouts: tuple[str, ...] = ("nchw",)
 
 
 PROFILES = {
@@ -85,6 +90,8 @@ PROFILES = {
         bench_shape=False,
         policy=QUICK_POLICY,
         extra_cells=(("basic", "compile"),),
+        # A first compile of each kernel expression would cost ~25 s apiece here; the GPU profile has them.
+        kernel_variants=("eager", "triton"),
     ),
     # For a GPU: benchmark shapes, every entry, every variant alone and the combinations that matter.
     "full": Profile(
@@ -97,8 +104,15 @@ PROFILES = {
         network_batches=(32, 128),
         bench_shape=True,
         policy=TimingPolicy(),
+        kernel_dtypes=("float32", "bfloat16"),
+        kernel_layouts=("nchw", "channels_last"),
     ),
 }
+
+KERNELS = ("wrc_epilogue", "dense_bn_relu")
+"""Kernel-level cells (benchmarks/test_kernels.py): each fused kernel alone against the same expression in
+eager PyTorch and under torch.compile."""
+KERNEL_VARIANTS = ("eager", "compile", "triton")
 
 OPTIONS = {
     "profile": "PERFKIT_PROFILE",
@@ -108,8 +122,10 @@ OPTIONS = {
     "batches": "PERFKIT_BATCHES",
     "device": "PERFKIT_DEVICE",
     "jsonl": "PERFKIT_JSONL",
+    "kernels": "PERFKIT_KERNELS",
 }
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
+KERNEL_ARGNAMES = ("kernel", "variant", "mode", "dtype", "layout")
 
 _STATE = pytest.StashKey["MatrixConfig"]()
 
@@ -124,6 +140,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "batches": "comma-separated batch sizes (default: the profile's)",
         "device": "torch device to measure on (default: cuda if available, else cpu)",
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
+        "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -154,6 +171,7 @@ class MatrixConfig:
     modes: list[str]
     batches: list[int] | None
     jsonl: Path
+    kernels: list[str]
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
 
@@ -172,6 +190,12 @@ class MatrixConfig:
                     for batch in batches:
                         cells.append((block, variant, mode, dtype, batch))
         return cells
+
+    def kernel_cells(self) -> list[tuple[str, str, str, str, str]]:
+        """(kernel, variant, mode, dtype, layout) of every kernel cell."""
+        variants = [v for v in (self.variants or self.profile.kernel_variants) if v in KERNEL_VARIANTS]
+        return [(k, v, m, d, layout) for k in self.kernels for v in variants for m in self.modes
+                for d in self.profile.kernel_dtypes for layout in self.profile.kernel_layouts]
 
 
 def _resolve(config: pytest.Config) -> MatrixConfig:
@@ -231,8 +255,17 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
         if not batches or any(b < 1 for b in batches):
             raise pytest.UsageError(f"--perfkit-batches {batches_value!r}: give positive integers, e.g. 32,128")
 
+    kernels = list(KERNELS)
+    kernels_value = _option(config, "kernels")
+    if kernels_value:
+        kernels = [] if kernels_value.strip() == "none" else _split(kernels_value)
+        bad = [k for k in kernels if k not in KERNELS]
+        if bad:
+            raise pytest.UsageError(f"--perfkit-kernels: unknown kernel(s) {bad}; valid kernels: "
+                                    f"{', '.join(KERNELS)} (or none)")
+
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
-    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl)
+    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -245,30 +278,26 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if not set(ARGNAMES) <= set(metafunc.fixturenames):
-        return
-    cells = metafunc.config.stash[_STATE].cells()
-    metafunc.parametrize(ARGNAMES, cells, ids=[f"{b}-{v}-{m}-b{n}" for b, v, m, _, n in cells])
+    matrix = metafunc.config.stash[_STATE]
+    if set(ARGNAMES) <= set(metafunc.fixturenames):
+        cells = matrix.cells()
+        metafunc.parametrize(ARGNAMES, cells, ids=[f"{b}-{v}-{m}-b{n}" for b, v, m, _, n in cells])
+    elif set(KERNEL_ARGNAMES) <= set(metafunc.fixturenames):
+        cells = matrix.kernel_cells()
+        metafunc.parametrize(KERNEL_ARGNAMES, cells, ids=["-".join(cell) for cell in cells])
 
 
-class PedanticRounds:
-    """A :data:`perfkit.measure.RoundRunner` whose rounds are the ones pytest-benchmark stores."""
-
-    def __init__(self, benchmark) -> None:
-        self.benchmark = benchmark
-
-    def __call__(self, step, n: int) -> list[float]:
-        if self.benchmark.disabled:  # --benchmark-disable: measure anyway, store nothing
-            return clock_rounds(step, n)
-        if self.benchmark.stats is None:
-            self.benchmark.pedantic(step, rounds=n, iterations=1, warmup_rounds=0)
-            return list(self.benchmark.stats.stats.data)
-        # pedantic runs once per test; the adaptive rule's further rounds use the same clock and go into
-        # the same stats.
-        times = clock_rounds(step, n)
-        for duration in times:
-            self.benchmark.stats.stats.update(duration)
-        return times
+def file_record(matrix: MatrixConfig, benchmark, record: Record) -> Record:
+    """Store ``record`` in extra_info and the JSON-lines file; skip or xfail the test if it was not timed."""
+    benchmark.extra_info.update(record.to_dict())
+    append_jsonl(matrix.jsonl, record)
+    if record.status == "skipped":
+        matrix.skipped.append(record.to_dict())
+        pytest.skip(record.reason)
+    if record.status != "ok":
+        matrix.failed.append(record.to_dict())
+        pytest.xfail(f"{record.status}: {record.reason}")
+    return record
 
 
 @pytest.fixture
@@ -279,18 +308,23 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
         record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
-                              policy=matrix.profile.policy, run_rounds=PedanticRounds(benchmark))
-        benchmark.extra_info.update(record.to_dict())
-        append_jsonl(matrix.jsonl, record)
-        if record.status == "skipped":
-            matrix.skipped.append(record.to_dict())
-            pytest.skip(record.reason)
-        if record.status != "ok":
-            matrix.failed.append(record.to_dict())
-            pytest.xfail(f"{record.status}: {record.reason}")
-        return record
+                              policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark))
+        return file_record(matrix, benchmark, record)
 
     return measure
+
+
+@pytest.fixture
+def perfkit_matrix(request: pytest.FixtureRequest) -> MatrixConfig:
+    """The session's resolved selection (device, profile, JSON-lines path)."""
+    return request.config.stash[_STATE]
+
+
+@pytest.fixture
+def perfkit_file_record(request: pytest.FixtureRequest):
+    """``file(benchmark, record)``: :func:`file_record` for a test that measured its own cell."""
+    matrix: MatrixConfig = request.config.stash[_STATE]
+    return lambda benchmark, record: file_record(matrix, benchmark, record)
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

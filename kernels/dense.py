@@ -73,10 +73,14 @@ def _row_offsets(rows, H, W, stride_n, stride_h, stride_w):
 
 
 @triton.jit
-def _bn_stats_kernel(x_ptr, partial_ptr, C, H, W, R, rows_per_split,
+def _bn_stats_kernel(x_ptr, partial_ptr, mean_ptr, var_ptr, C, H, W, R, rows_per_split,
                      sx_n, sx_c, sx_h, sx_w,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel (count, mean, M2) of one split of the rows, merged tile by tile (Chan et al.)."""
+                     SINGLE_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel (count, mean, M2) of one split of the rows, merged tile by tile (Chan et al.).
+
+    With a single split (few rows against many channel blocks) it writes mean and biased variance directly
+    and the combine launch is skipped.
+    """
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     split = tl.num_programs(1)
@@ -105,10 +109,14 @@ def _bn_stats_kernel(x_ptr, partial_ptr, C, H, W, R, rows_per_split,
         mean += delta * (tile_count / new_count)
         m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
         count = new_count
-    base = partial_ptr + pid_s * C + cols
-    tl.store(base, count, mask=col_mask)
-    tl.store(base + split * C, mean, mask=col_mask)
-    tl.store(base + 2 * split * C, m2, mask=col_mask)
+    if SINGLE_SPLIT:
+        tl.store(mean_ptr + cols, mean, mask=col_mask)
+        tl.store(var_ptr + cols, m2 / count, mask=col_mask)
+    else:
+        base = partial_ptr + pid_s * C + cols
+        tl.store(base, count, mask=col_mask)
+        tl.store(base + split * C, mean, mask=col_mask)
+        tl.store(base + 2 * split * C, m2, mask=col_mask)
 
 
 @triton.jit
@@ -137,22 +145,6 @@ def _bn_stats_combine_kernel(partial_ptr, mean_ptr, var_ptr, C, SPLIT, BLOCK_C: 
 
 
 @triton.jit
-def _bn_running_stats_kernel(mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, C, momentum, unbias,
-                             BLOCK_C: tl.constexpr):
-    """``running = (1 - momentum) * running + momentum * batch``, the variance unbiased, as nn.BatchNorm2d."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
-    mean = tl.load(mean_ptr + cols, mask=mask, other=0.0)
-    var = tl.load(var_ptr + cols, mask=mask, other=0.0)
-    running_mean = tl.load(running_mean_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    running_var = tl.load(running_var_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    running_mean = (1.0 - momentum) * running_mean + momentum * mean
-    running_var = (1.0 - momentum) * running_var + momentum * (var * unbias)
-    tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=mask)
-    tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps):
     mean = tl.load(mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
@@ -163,10 +155,16 @@ def _load_channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, cols, col_mask, eps):
 
 
 @triton.jit
-def _bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, H, W, R, eps,
+def _bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, running_mean_ptr, running_var_ptr,
+                        C, H, W, R, eps, momentum, unbias,
                         sx_n, sx_c, sx_h, sx_w, sy_n, sy_c, sy_h, sy_w,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``y = relu((x - mean) * rstd * weight + bias)``; mean/var are batch or running statistics."""
+                        UPDATE_RUNNING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``y = relu((x - mean) * rstd * weight + bias)``; mean/var are batch or running statistics.
+
+    UPDATE_RUNNING: the first row of programs also applies nn.BatchNorm2d's running update for its
+    channels, ``running = (1 - momentum) * running + momentum * batch`` with the variance unbiased, so
+    training costs no extra launch for it.
+    """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
@@ -178,6 +176,15 @@ def _bn_relu_fwd_kernel(x_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, C, H, W, 
     y = tl.maximum((x - mean[None, :]) * (rstd * weight)[None, :] + bias[None, :], 0.0)
     y_offs = _row_offsets(rows, H, W, sy_n, sy_h, sy_w)[:, None] + cols.to(tl.int64)[None, :] * sy_c
     tl.store(y_ptr + y_offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if UPDATE_RUNNING:
+        if tl.program_id(0) == 0:
+            var = tl.load(var_ptr + cols, mask=col_mask, other=0.0)
+            running_mean = tl.load(running_mean_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            running_var = tl.load(running_var_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            running_mean = (1.0 - momentum) * running_mean + momentum * mean
+            running_var = (1.0 - momentum) * running_var + momentum * (var * unbias)
+            tl.store(running_mean_ptr + cols, running_mean.to(running_mean_ptr.dtype.element_ty), mask=col_mask)
+            tl.store(running_var_ptr + cols, running_var.to(running_var_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -320,36 +327,39 @@ def _batch_norm_stats_into(x: torch.Tensor, mean: torch.Tensor, var: torch.Tenso
     block_r, block_c = _tile(x)
     channel_blocks = triton.cdiv(c, block_c)
     splits, rows_per_split = _split(rows, block_r, channel_blocks)
-    partial = _alloc((3, splits, c), torch.float32, x.device)
-    _bn_stats_kernel[(channel_blocks, splits)](x, partial, c, h, w, rows, rows_per_split, *_strides(x),
-                                               BLOCK_R=block_r, BLOCK_C=block_c)
+    partial = _alloc((3, splits, c), torch.float32, x.device) if splits > 1 else mean
+    _bn_stats_kernel[(channel_blocks, splits)](x, partial, mean, var, c, h, w, rows, rows_per_split, *_strides(x),
+                                               SINGLE_SPLIT=splits == 1, BLOCK_R=block_r, BLOCK_C=block_c)
+    if splits == 1:
+        return
     combine_block = min(1024, triton.next_power_of_2(c))
     _bn_stats_combine_kernel[(triton.cdiv(c, combine_block),)](partial, mean, var, c, splits,
                                                                BLOCK_C=combine_block)
 
 
-def update_running_stats(mean: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
-                         running_var: torch.Tensor, momentum: float, count: int) -> None:
-    """nn.BatchNorm2d's running update in place from a batch of ``count`` values a channel (biased ``var``)."""
-    c = running_mean.shape[0]
-    _check_channel_vectors(c, running_mean.device, mean=mean, var=var, running_var=running_var)
-    block_c = min(1024, triton.next_power_of_2(c))
-    _bn_running_stats_kernel[(triton.cdiv(c, block_c),)](mean, var, running_mean, running_var, c,
-                                                          float(momentum), count / (count - 1), BLOCK_C=block_c)
-
-
 def bn_relu_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``relu((x - mean) / sqrt(var + eps) * weight + bias)`` in one pass; output dense in x's layout."""
+                  bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None, *,
+                  running: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``relu((x - mean) / sqrt(var + eps) * weight + bias)`` in one pass; output dense in x's layout.
+
+    ``running = (running_mean, running_var, momentum)``: also fold this batch's ``mean`` and biased ``var``
+    (x's own statistics) into the running statistics in place, as nn.BatchNorm2d does in training.
+    """
     _check_4d(x, "x")
     n, c, h, w = x.shape
+    rows = n * h * w
     _check_channel_vectors(c, x.device, mean=mean, var=var, weight=weight, bias=bias)
+    running_mean, running_var, momentum = running if running is not None else (mean, var, 0.0)
+    if running is not None:
+        _check_channel_vectors(c, x.device, running_mean=running_mean, running_var=running_var)
+        if rows < 2:
+            raise ValueError(f"the unbiased running variance needs more than 1 value per channel; got {tuple(x.shape)}")
     y = _alloc(x.shape, out_dtype or x.dtype, x.device, _memory_format(x))
     block_r, block_c = _tile(x)
-    rows = n * h * w
     grid = (triton.cdiv(rows, block_r), triton.cdiv(c, block_c))
-    _bn_relu_fwd_kernel[grid](x, y, mean, var, weight, bias, c, h, w, rows, float(eps),
-                              *_strides(x), *_strides(y), BLOCK_R=block_r, BLOCK_C=block_c)
+    _bn_relu_fwd_kernel[grid](x, y, mean, var, weight, bias, running_mean, running_var, c, h, w, rows, float(eps),
+                              float(momentum), rows / max(rows - 1, 1), *_strides(x), *_strides(y),
+                              UPDATE_RUNNING=running is not None, BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 
@@ -398,26 +408,28 @@ def bn_relu_backward(x: torch.Tensor, grad_y: torch.Tensor, mean: torch.Tensor, 
 # --------------------------------------------------------------------------------------------------------
 
 
-def _normalization_stats(x: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                         training: bool, momentum: float | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(mean, var, batch_stats) the way nn.BatchNorm2d picks them; updates the running statistics in training."""
-    if not training and running_mean is not None and running_var is not None:
-        return running_mean, running_var, False
+def _bn_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                     running_var: torch.Tensor | None, training: bool, momentum: float | None, eps: float,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(y, mean, var, batch_stats), statistics picked as nn.BatchNorm2d picks them; running ones updated in training."""
+    tracking = running_mean is not None and running_var is not None
+    if not training and tracking:
+        return bn_relu_apply(x, running_mean, running_var, weight, bias, eps, out_dtype), running_mean, running_var, False
     mean, var = batch_norm_stats(x)
-    if training and running_mean is not None and running_var is not None:
+    running = None
+    if training and tracking:
         if momentum is None:
             raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
                              "1/num_batches_tracked for momentum=None)")
-        n, _, h, w = x.shape
-        update_running_stats(mean, var, running_mean, running_var, momentum, n * h * w)
-    return mean, var, True
+        running = (running_mean, running_var, momentum)
+    return bn_relu_apply(x, mean, var, weight, bias, eps, out_dtype, running=running), mean, var, True
 
 
 class _BnReluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        mean, var, batch_stats = _normalization_stats(x, running_mean, running_var, training, momentum)
-        y = bn_relu_apply(x, mean, var, weight, bias, eps)
+        y, mean, var, batch_stats = _bn_relu_forward(x, weight, bias, running_mean, running_var, training,
+                                                     momentum, eps)
         # Saved: x and the statistics, not y (the consumer of y keeps it if it needs it).
         ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.batch_stats = batch_stats
@@ -574,9 +586,9 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], t
             saved = None
             if layer.bottleneck:
                 hidden = out
-                mean2, var2, _ = _normalization_stats(hidden, layer.norm2.running_mean, layer.norm2.running_var,
-                                                      training, layer.norm2.momentum)
-                a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
+                norm2 = layer.norm2
+                a, mean2, var2, _ = _bn_relu_forward(hidden, layer.norm2_weight, layer.norm2_bias, norm2.running_mean,
+                                                     norm2.running_var, training, norm2.momentum, norm2.eps)
                 out = _conv_forward(a, layer.conv2_weight)
                 del a
                 if keep_for_backward:

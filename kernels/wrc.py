@@ -11,23 +11,27 @@ reduction key, and the same code reads both layouts without a layout copy:
 * NCHW (``stride_hw == 1``): a tile is a few channels' planes, contiguous along the spatial axis;
 * channels_last (``stride_c == 1``): a tile is a few pixels' channel vectors, contiguous along channels, and
   when ``stride_n == H·W·stride_hw`` the batch folds into the spatial axis (one ``N·H·W``-long row space), so
-  a 7×7 map does not waste most of a 64-row tile.
+  a 7×7 map's 49 rows per sample are not each padded up to a tile boundary.
 
-Triton specializes integer arguments equal to 1, so the compiler sees which tile axis is contiguous.
+Triton specializes integer arguments equal to 1 (and marks those divisible by 16), so the compiler sees
+which tile axis is contiguous and aligned: compiled for sm_90, both layouts' loads and stores come out as
+128-bit vector accesses when the strides are multiples of 16 (not for NCHW with H·W = 49 or 196).
 Tensors whose H and W cannot be merged into one stride (a spatial crop) are copied once into their own
 memory format (documented in :func:`_flat_strides`); channel or batch slices run in place.
 
 Passes (grid = (tiles, channel blocks) unless said otherwise):
 
-* training forward: ``_bn_stats_kernel`` (per-program Welford/Chan partial mean and M2 per channel) →
+* training forward: ``_bn_stats_kernel`` (grid: reduction programs of ``TILES`` tiles, channel blocks;
+  Welford/Chan partial mean and M2 per channel) →
   ``_bn_stats_finalize_kernel`` (grid: channel blocks; merges the partials, writes mean and biased variance,
   updates the running statistics as ``nn.BatchNorm2d`` does) → ``_wrc_fwd_kernel``.
 * inference forward: ``_wrc_fwd_kernel`` alone, BN folded from the running statistics: one pass reading
   ``y`` and ``s`` and writing ``out``.
 * backward: ``_wrc_bwd_reduce_kernel`` (partial per-channel sums of ``g``, ``g·ŷ``, ``g·s`` where ``g`` is
   the ReLU-masked output gradient) → ``_wrc_bwd_finalize_kernel`` (grid: channel blocks; dweight, dbias and
-  the per-channel terms of dalpha and dbeta) → ``_wrc_bwd_dx_kernel`` (dy and ds). Partial sums go through a
-  buffer in a fixed order, never atomics, so results are deterministic run to run.
+  the per-channel terms of dalpha and dbeta, whose final sum over C is a torch ``.sum()``) →
+  ``_wrc_bwd_dx_kernel`` (dy and ds). Partial sums go through a buffer in a fixed order, never atomics, so
+  results are deterministic run to run.
 
 Saved for backward: ``y`` and ``s`` (the ReLU mask is recomputed from them rather than saving ``out``: a
 network keeps ``y`` and ``s`` alive anyway for the convolutions around the epilogue, while ``out`` would be
@@ -58,15 +62,20 @@ _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tile and grid sizing. Starting points, not measured: no GPU was available when these were written.
 # GPU tuning goes here: BLOCK_HW/BLOCK_C per layout and dtype, num_warps (Triton's default 4), and
-# _TILES_PER_PROGRAM (partials per channel vs. programs in flight) at the benchmark shapes.
+# _MAX_PARTIALS (partials per channel vs. programs in flight) at the benchmark shapes.
 _TILE_ELEMENTS = 2048
 """Elements in one [BLOCK_HW, BLOCK_C] tile."""
 _MAX_BLOCK_C = 64
 """Widest channel block of a channels_last tile (64 float32 = two 128-byte lines per pixel)."""
 _MAX_BLOCK_HW = 1024
 """Longest spatial run of an NCHW tile."""
-_TILES_PER_PROGRAM = 8
-"""Tiles one reduction program merges before writing its partial: fewer partials, fewer programs."""
+_MAX_PARTIALS = 256
+"""Most partial results per channel a reduction pass leaves for its finalize kernel.
+
+A reduction program loops over enough tiles (a power of two, so few compiled variants) to stay under this:
+ResNet-50's first stage at batch 256 channels_last has 25,088 tiles per channel block, which one tile per
+program would turn into 25,088 partials, megabytes the finalize kernel reads on a handful of SMs.
+"""
 _FINALIZE_TILE_ELEMENTS = 2048
 """Elements in one [BLOCK_P partials, BLOCK_C channels] tile of the finalize kernels."""
 
@@ -418,9 +427,18 @@ class _Space:
         return [stride for triple in self.strides for stride in triple]
 
 
+def _reduction_split(tiles: int) -> tuple[int, int]:
+    """``(TILES, partials)``: tiles per reduction program and the partials (programs per channel block)."""
+    tiles_per_program = triton.next_power_of_2(triton.cdiv(tiles, _MAX_PARTIALS))
+    return tiles_per_program, triton.cdiv(tiles, tiles_per_program)
+
+
 def _finalize_blocks(partials: int, channels: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_C)`` of a finalize kernel's [partials, channels] tile."""
-    block_c = max(2, min(triton.next_power_of_2(channels), 128))
+    """``(BLOCK_P, BLOCK_C)`` of a finalize kernel's [partials, channels] tile.
+
+    Channel blocks of 32 spread the finalize over C/32 programs (8 for C = 256) rather than one or two.
+    """
+    block_c = max(2, min(triton.next_power_of_2(channels), 32))
     block_p = max(2, min(triton.next_power_of_2(partials), _FINALIZE_TILE_ELEMENTS // block_c))
     return block_p, block_c
 
@@ -493,7 +511,7 @@ def _batch_stats(y: torch.Tensor, running_mean: torch.Tensor | None, running_var
     """Per-channel batch mean and biased variance (float32); updates the running statistics if given."""
     space = _Space([y])
     channels, device = space.channels, y.device
-    partials = triton.cdiv(space.tiles, _TILES_PER_PROGRAM)
+    tiles_per_program, partials = _reduction_split(space.tiles)
     count_part = _allocate((partials, channels), torch.float32, device)
     mean_part = _allocate((partials, channels), torch.float32, device)
     m2_part = _allocate((partials, channels), torch.float32, device)
@@ -502,7 +520,7 @@ def _batch_stats(y: torch.Tensor, running_mean: torch.Tensor | None, running_var
     grid = (partials, space.channel_blocks)
     _bn_stats_kernel[grid](
         y, count_part, mean_part, m2_part, space.batch, channels, space.spatial, *space.stride_args(),
-        BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=_TILES_PER_PROGRAM,
+        BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=tiles_per_program,
     )
     update = running_mean is not None
     cumulative = update and momentum is None
@@ -556,14 +574,14 @@ class _WRCEpilogueFunction(torch.autograd.Function):
         dweight = dbias = dalpha = dbeta = None
         sum_g = sum_g_yhat = mean  # placeholders for pointer arguments a constexpr branch never reads
         if need_sums:
-            partials = triton.cdiv(space.tiles, _TILES_PER_PROGRAM)
+            tiles_per_program, partials = _reduction_split(space.tiles)
             sum_g_part = _allocate((partials, channels), torch.float32, device)
             sum_g_yhat_part = _allocate((partials, channels), torch.float32, device)
             sum_g_s_part = _allocate((partials, channels), torch.float32, device) if need_dbeta else sum_g_part
             _wrc_bwd_reduce_kernel[(partials, space.channel_blocks)](
                 dout, y, s, mean, var, weight, bias, alpha, beta, ctx.eps, sum_g_part, sum_g_yhat_part,
                 sum_g_s_part, space.batch, channels, space.spatial, *space.stride_args(),
-                NEED_G_S=need_dbeta, BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=_TILES_PER_PROGRAM,
+                NEED_G_S=need_dbeta, BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=tiles_per_program,
             )
             sum_g = _allocate((channels,), torch.float32, device)
             sum_g_yhat = _allocate((channels,), torch.float32, device)

@@ -313,14 +313,16 @@ BASELINE_PATH = REPO_ROOT / "benchmarks" / "baselines" / "cpu-quick-counters.jso
 BASELINE_SCHEMA = "perfkit.counters/1"
 BASELINE_VARIANTS = ("eager", "channels_last")
 """Variants whose CPU counters are gated. bf16 (CPU autocast) is left out: see ``write_baseline``."""
-BASELINE_STEPS_BEFORE = 2
+BASELINE_STEPS_BEFORE = 1
 """Steps run before the counted one, as the matrix's warm-up does: the first training step allocates SGD's
 momentum buffers, which later steps reuse."""
 
 
 def quick_profile() -> tuple[list[str], int]:
     """The quick profile's registered blocks and its block batch, read from ``benchmarks/conftest.py``."""
+    import fnmatch
     import importlib.util
+    import sys
 
     import perfkit
 
@@ -329,10 +331,9 @@ def quick_profile() -> tuple[list[str], int]:
     if spec is None or not conftest.exists():
         raise FileNotFoundError(f"{conftest} not found: the counter baseline follows the matrix's quick profile")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     profile = module.PROFILES["quick"]
-    import fnmatch
-
     names = [n for n in perfkit.list_blocks() if any(fnmatch.fnmatchcase(n, p) for p in profile.blocks)]
     return names, profile.block_batches[0]
 

@@ -104,6 +104,40 @@ def clock_rounds(step: Callable[[], None], n: int) -> list[float]:
     return times
 
 
+class BenchmarkRounds:
+    """A :data:`RoundRunner` whose rounds are the ones a pytest-benchmark fixture stores in its ``stats``.
+
+    The first call runs ``benchmark.pedantic(step, rounds=n, iterations=1, warmup_rounds=0)`` (perfkit warms
+    up before; ``setup`` runs untimed before each round). pedantic runs once per test, so the adaptive rule's
+    further rounds are timed with the same clock and appended to the same stats (``Stats.update``): the
+    stored ``stats.data`` is exactly the list this runner returns. Under ``--benchmark-disable`` the rounds
+    are timed and nothing is stored.
+    """
+
+    def __init__(self, benchmark: Any, setup: Callable[[], None] | None = None) -> None:
+        self.benchmark = benchmark
+        self.setup = setup
+
+    def _clock(self, step: Callable[[], None], n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            if self.setup is not None:
+                self.setup()
+            times += clock_rounds(step, 1)
+        return times
+
+    def __call__(self, step: Callable[[], None], n: int) -> list[float]:
+        if self.benchmark.disabled:
+            return self._clock(step, n)
+        if self.benchmark.stats is None:
+            self.benchmark.pedantic(step, setup=self.setup, rounds=n, iterations=1, warmup_rounds=0)
+            return list(self.benchmark.stats.stats.data)
+        times = self._clock(step, n)
+        for duration in times:
+            self.benchmark.stats.stats.update(duration)
+        return times
+
+
 def median_ci_rel(times: list[float], z: float = 1.96) -> float:
     """Half-width of the distribution-free ~95% CI of the median over the median (inf under 6 rounds)."""
     n = len(times)
@@ -189,7 +223,7 @@ def _reference(model: nn.Module, x: torch.Tensor, mode: str, input_requires_grad
         with torch.no_grad():
             return reference(x64), []
     out = reference(x64)
-    training_loss(out, loss_target(out, seed).to(torch.float64)).backward()
+    training_loss(out, loss_target(out, seed)).backward()
     return out.detach(), [g.detach() for g in gradients(list(reference.parameters()), x64)]
 
 
@@ -252,17 +286,19 @@ def step_flops(entry: Entry, batch: int, bench_shape: bool, mode: str, input_req
     return int(counter.get_total_flops())
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
+    """True for an out-of-memory error: torch's, the CPU allocator's, or one a compile wrapper chained."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
     # The CPU allocator raises a plain RuntimeError; compile wrappers may chain the original OOM.
     text = str(error)
     cause = error.__cause__ or error.__context__
     return ("DefaultCPUAllocator: can't allocate memory" in text or "out of memory" in text.lower()
-            or (cause is not None and cause is not error and _is_oom(cause)))
+            or (cause is not None and cause is not error and is_oom(cause)))
 
 
-def _message(error: BaseException, limit: int = 600) -> str:
+def error_message(error: BaseException, limit: int = 600) -> str:
+    """``Type: message`` of ``error``, cut at ``limit`` characters."""
     text = "".join(traceback.format_exception_only(type(error), error)).strip()
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -292,8 +328,8 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
         return _run_cell(entry, variant, mode, batch, device, bench_shape, seed, policy or TimingPolicy(),
                          run_rounds, flops, tol_dtype, base, progress)
     except Exception as error:  # every failure of a cell is recorded, the matrix goes on
-        status = "oom" if _is_oom(error) else "error"
-        reason = f"{progress['stage']}: {_message(error)}"
+        status = "oom" if is_oom(error) else "error"
+        reason = f"{progress['stage']}: {error_message(error)}"
     # Out of the except block, the traceback (and the tensors its frames hold) is gone: free the memory.
     gc.collect()
     if device.type == "cuda":

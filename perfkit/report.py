@@ -28,8 +28,9 @@ REFERENCE_VARIANT = "eager"
 MODES = ("inference", "training")
 CEILINGS_FILE = "ceilings.json"
 """Optional file in a device folder: ``{"copy_gb_per_s": ..., "bf16_tflops": ...}`` measured on that device."""
-FAILED_CELLS_KEY = "perfkit_failed_cells"
-"""Top-level key of a pytest-benchmark JSON under which the matrix keeps cells that were never timed."""
+UNTIMED_CELLS_KEYS = ("perfkit_skipped_cells", "perfkit_failed_cells")
+"""Top-level keys of a pytest-benchmark JSON under which the matrix keeps the records of cells it did not
+time (pytest-benchmark writes only benchmarks that ran): skipped, and failed/oom/error."""
 # Files this module writes into a device folder; anything else there (the committed run JSON, the
 # ceilings) is left alone, and these are removed first so a re-run leaves no stale plot behind.
 GENERATED_PATTERNS = ("README.md", "summary.csv", "speedup-*.png", "memory-*.png", "roofline.png")
@@ -75,8 +76,9 @@ def _from_pytest_benchmark(data: dict[str, Any], path: str) -> Results:
         if rounds:
             record.times_s = [float(t) for t in rounds]
         records.append(record)
-    for i, extra in enumerate(data.get(FAILED_CELLS_KEY) or []):
-        records.append(_record(extra, f"{path}: {FAILED_CELLS_KEY}[{i}]"))
+    for key in UNTIMED_CELLS_KEYS:
+        for i, extra in enumerate(data.get(key) or []):
+            records.append(_record(extra, f"{path}: {key}[{i}]"))
     machine = data.get("machine_info") or {}
     commit = data.get("commit_info") or {}
     run = {

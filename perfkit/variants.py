@@ -104,7 +104,6 @@ class Variant:
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
-        model.train(mode == "training")
         # Captured before the triton swap: the fused modules hold these very Parameters, and the gate
         # compares gradients in this order against a deep copy of the unswapped model.
         parameters = list(model.parameters())
@@ -112,6 +111,8 @@ class Variant:
             from perfkit.fused import to_triton
 
             model = to_triton(model)
+        # After the swap: a freshly built fused module starts in training mode whatever the one it replaced.
+        model.train(mode == "training")
         x = example
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)

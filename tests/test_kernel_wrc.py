@@ -141,13 +141,14 @@ def test_forward_backward_match_float64_reference(shape, dtype, channels_last, t
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_many_tiles_partials_and_channel_blocks(monkeypatch, channels_last):
-    """Tiles of 16 elements: many tiles, several per reduction program, tail tiles, 3 channel blocks."""
+    """Tiles of 16 elements: many tiles, several per reduction program with a tail past the last sample,
+    several channel blocks, and finalize kernels looping over the partials."""
     monkeypatch.setattr(wrc, "_TILE_ELEMENTS", 16)
     monkeypatch.setattr(wrc, "_MAX_BLOCK_C", 4)
     monkeypatch.setattr(wrc, "_MAX_BLOCK_HW", 8)
-    monkeypatch.setattr(wrc, "_TILES_PER_PROGRAM", 3)
+    monkeypatch.setattr(wrc, "_MAX_PARTIALS", 3)
     monkeypatch.setattr(wrc, "_FINALIZE_TILE_ELEMENTS", 8)
-    y, s, params = _inputs((3, 10, 5, 3), torch.float32, channels_last)
+    y, s, params = _inputs((3, 6, 6, 3), torch.float32, channels_last)
     kernel, reference = _run_both(y, s, params, training=True)
     _assert_matches(kernel, reference, torch.float32, check_stats=True)
 
@@ -178,6 +179,17 @@ def test_buffers_alpha_beta_get_no_gradient():
     kernel, reference = _run_both(y, s, params, training=True, learnable=False)
     _assert_matches(kernel, reference, torch.float32, check_stats=True)
     assert kernel[4]["alpha"].grad is None and kernel[4]["beta"].grad is None
+
+
+def test_bfloat16_parameters_and_statistics():
+    """A model cast with .to(bfloat16): weight, bias, running statistics, alpha and beta all bf16."""
+    y, s, params = _inputs((2, 6, 5, 5), torch.bfloat16, True)
+    params = {name: value.to(torch.bfloat16) for name, value in params.items()}
+    kernel, reference = _run_both(y, s, params, training=True)
+    _assert_matches(kernel, reference, torch.bfloat16, check_stats=False)
+    assert kernel[2].dtype == torch.bfloat16
+    assert_close(kernel[2], reference[2], torch.bfloat16, "running_mean")
+    assert_close(kernel[3], reference[3], torch.bfloat16, "running_var")
 
 
 def test_mixed_dtypes_promote_like_the_reference():

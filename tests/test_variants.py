@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,29 @@ def test_the_loss_gives_a_batchnorm_output_a_gradient():
 
     bn(x).sum().backward()
     assert x.grad.norm() < 1e-5
+
+
+def test_triton_swap_sets_the_mode_of_the_fused_modules(monkeypatch, tmp_path):
+    # A fused module is built fresh (in training mode); the cell's mode must reach it after the swap.
+    (tmp_path / "fake_fused.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+
+        class FakeFused(nn.Module):
+            @classmethod
+            def from_reference(cls, reference):
+                return cls()
+
+            def forward(self, x):
+                return x
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Fusable(nn.Identity):
+        pass
+
+    monkeypatch.setitem(FUSED_FOR, Fusable, ("fake_fused", "FakeFused"))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), Fusable())
+    prepared = parse_variant("triton").apply(model, torch.randn(1, 3, 2, 2), "inference")
+    assert type(prepared.module[1]).__name__ == "FakeFused"
+    assert not any(m.training for m in prepared.module.modules())

@@ -1,7 +1,8 @@
 """Cross Stage Partial networks (Wang et al., *CSPNet*, CVPR Workshops 2020): the CSP stage and CSP-ResNet-50.
 
 The layout is timm's ``cspresnet50`` (``CrossStage`` with ``expand_ratio=2``, ``bottle_ratio=0.5``,
-``cross_linear=True``, stage depths 3-3-5-2), so the parameter count equals timm's (21,616,168). One
+``cross_linear=True``, stage depths 3-3-5-2, a 3×3/2 down-sampling conv opening stages 2-4): 21,616,168
+parameters, timm's published 21.6M (the test recounts it from that layout in closed form). One
 difference: timm's cfg uses LeakyReLU (from the authors' darknet cfg); here every activation is ReLU, as
 in ResNet-50, so that CSP-ResNet-50 against ResNet-50 measures the cross-stage structure alone and its
 bottlenecks end with the same ``ResidualEpilogue``. Activations carry no parameters.

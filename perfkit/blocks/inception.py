@@ -117,7 +117,7 @@ def inception(in_channels: int, ch1x1: int, ch3x3red: int, ch3x3: int, ch5x5red:
     return init_weights(Inception(in_channels, ch1x1, ch3x3red, ch3x3, ch5x5red, ch5x5, pool_proj))
 
 
-@register("googlenet", kind="network", bench_shape=(3, 224, 224), test_shape=(3, 64, 64))
+@register("googlenet", kind="network", bench_shape=(3, 224, 224), test_shape=(3, 32, 32))
 def googlenet(num_classes: int = 1000, aux_logits: bool = False) -> GoogLeNet:
     """GoogLeNet / Inception v1 with BN, torchvision's layout (aux_logits=True adds the two auxiliary heads)."""
     return GoogLeNet(num_classes, aux_logits)

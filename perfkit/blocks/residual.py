@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from perfkit.blocks.layers import ConvBNReLU, ResidualEpilogue, conv1x1, conv3x3, init_weights
-from perfkit.blocks.resnet import _shortcut
+from perfkit.blocks.resnet import make_shortcut
 from perfkit.registry import register
 
 
@@ -26,7 +26,7 @@ class ResNormBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = make_shortcut(in_channels, out_channels, stride)
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

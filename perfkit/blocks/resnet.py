@@ -8,6 +8,8 @@ fixes ``alpha`` to a constant below one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -15,8 +17,8 @@ from perfkit.blocks.layers import ResidualEpilogue, conv1x1, conv3x3, init_weigh
 from perfkit.registry import register
 
 
-def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    # Identity where the shapes allow it; otherwise the paper's option B, a strided 1×1 projection + BN.
+def make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """A residual block's shortcut: identity where the shapes allow, else the paper's option B (1×1 conv + BN)."""
     if stride == 1 and in_channels == out_channels:
         return nn.Identity()
     return nn.Sequential(conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels))
@@ -38,7 +40,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(out_channels, out_channels)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = make_shortcut(in_channels, out_channels, stride)
         self.epilogue = ResidualEpilogue(out_channels, alpha, beta, learnable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +66,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, out_channels)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = _shortcut(in_channels, out_channels, stride)
+        self.shortcut = make_shortcut(in_channels, out_channels, stride)
         self.epilogue = ResidualEpilogue(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,7 @@ class ResNet(nn.Module):
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, int, int, int],
-                 num_classes: int = 1000, **block_kwargs) -> None:
+                 num_classes: int = 1000, **block_kwargs: Any) -> None:
         super().__init__()
         self.in_channels = 64
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -97,7 +99,7 @@ class ResNet(nn.Module):
         init_weights(self)
 
     def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, num_blocks: int, stride: int,
-                    block_kwargs: dict) -> nn.Sequential:
+                    block_kwargs: dict[str, Any]) -> nn.Sequential:
         # The first block of a stage downsamples (stride) and widens; the rest keep the shape.
         layers = [block(self.in_channels, planes, stride, **block_kwargs)]
         self.in_channels = planes * block.expansion

@@ -1,0 +1,58 @@
+"""``perfkit list``: every entry with its parameters, FLOPs and input shape; globs, kinds and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perfkit.cli import _format_count, main
+from perfkit.flops import count_flops
+from perfkit.registry import create, get_entry, list_blocks
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    # Columns: name, kind, params, FLOPs/sample, input (C,H,W), description (free text, last).
+    lines = text.strip().splitlines()
+    assert lines[0].split()[:3] == ["name", "kind", "params"], lines[0]
+    return {line.split()[0]: line.split() for line in lines[1:]}
+
+
+def test_list_shows_every_entry_with_params_flops_and_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert sorted(rows) == list_blocks()
+    for name, (_, kind, params, flops, shape, *_) in rows.items():
+        entry = get_entry(name)
+        with torch.device("meta"):
+            expected_params = sum(p.numel() for p in create(name).parameters())
+        assert kind == entry.kind
+        assert params == f"{expected_params:,}", f"{name}: params column {params}"
+        assert shape == "x".join(map(str, entry.bench_shape)), f"{name}: shape column {shape}"
+        assert flops[-1] in "kMG" and float(flops[:-1]) > 0, f"{name}: FLOPs column {flops}"
+    # ResNet-50 at 224×224: 4.09 G multiply-adds, 8.18 GFLOPs as torch's counter counts them.
+    assert rows["resnet50"][3] == _format_count(count_flops("resnet50")) == "8.18G"
+    assert rows["resnet18"][2] == "11,689,512"
+
+
+def test_list_glob(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "resnet*"]) == 0
+    assert sorted(_rows(capsys.readouterr().out)) == ["resnet101", "resnet152", "resnet18", "resnet34", "resnet50"]
+
+
+def test_list_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "--kind", "block", "*dense*"]) == 0
+    assert sorted(_rows(capsys.readouterr().out)) == ["dense", "dense_plain"]
+
+
+def test_list_no_match_exits_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "nosuch*"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "no block or network matches 'nosuch*'" in captured.err
+
+
+def test_list_rejects_an_unknown_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["list", "--kind", "layer"])
+    assert info.value.code == 2
+    assert "invalid choice: 'layer'" in capsys.readouterr().err

@@ -1,0 +1,244 @@
+"""measure_cell: the correctness gate, faults recorded not raised, a timer that covers the work, the fields."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import perfkit.measure as measure
+from perfkit import registry
+from perfkit.device import device_identity
+from perfkit.measure import TimingPolicy, adaptive_rounds, measure_cell, median_ci_rel, quantile, warm_up
+from perfkit.memory import METHOD
+from perfkit.record import Record
+from perfkit.testing import REL_TOLERANCE
+
+FAST = TimingPolicy(min_rounds=6, max_rounds=30, max_time_s=0.3, warmup_batch_s=0.005, warmup_max_s=0.1)
+SHAPE = (4, 6, 6)
+
+
+class TinyConv(nn.Module):
+    """A 3x3 convolution and BatchNorm: a block in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class Float32Bug(TinyConv):
+    """Planted wrong variant: the float32 path scales the output by 1.01, the float64 reference does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out * 1.01 if x.dtype == torch.float32 else out
+
+
+class _WrongGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1.05
+
+
+class Float32GradBug(TinyConv):
+    """Right output, wrong gradient in float32 only: only the training gate can catch it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return _WrongGrad.apply(out) if x.dtype == torch.float32 else out
+
+
+class OutOfMemory(TinyConv):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return super().forward(x)
+
+
+class Sleeps(TinyConv):
+    """Takes at least 20 ms of host time per forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.02)
+        return super().forward(x)
+
+
+_pending: list[threading.Thread] = []
+
+
+class AsyncSleeps(TinyConv):
+    """Like a GPU: the forward returns at once and its 20 ms of work finishes later, until synchronized."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        work = threading.Thread(target=time.sleep, args=(0.02,))
+        work.start()
+        _pending.append(work)
+        return super().forward(x)
+
+
+def _fake_synchronizer(device):
+    def sync() -> None:
+        while _pending:
+            _pending.pop().join()
+
+    return sync
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """Register a module class under a throwaway name for one test (the registry is restored after)."""
+    registry._load()
+
+    def add(cls: type[nn.Module], kind: str = "block") -> str:
+        name = f"test_{cls.__name__.lower()}"
+        monkeypatch.setitem(registry._REGISTRY, name, registry.Entry(name, kind, cls, SHAPE, SHAPE))
+        return name
+
+    return add
+
+
+def test_ok_cell_has_every_field(tiny):
+    record = measure_cell(tiny(TinyConv), "eager", "training", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "ok", record.reason
+    assert record.reason is None
+    assert (record.block, record.variant, record.mode, record.dtype, record.batch, record.kind) == (
+        "test_tinyconv", "eager", "training", "float32", 2, "block")
+    assert record.input_shape == [2, *SHAPE]
+    assert record.device == device_identity("cpu") and record.device["name"]
+    assert record.params == 4 * 8 * 9 + 16
+    assert record.rel_error < 1e-5 and record.tolerance == REL_TOLERANCE["float32"]
+    assert record.rounds == len(record.times_s) >= FAST.min_rounds
+    assert record.step_time_p20_s <= record.step_time_median_s <= record.step_time_p80_s
+    assert record.step_time_cv >= 0 and record.step_time_mean_s > 0
+    assert record.samples_per_s == pytest.approx(2 / record.step_time_median_s)
+    assert record.noise_bound_rel == FAST.target_ci_rel and isinstance(record.noisy, bool)
+    assert record.warmup_steps >= 1 and record.warmup_time_s > 0 and record.compile_time_s is None
+    assert record.peak_memory_bytes > record.peak_memory_rise_bytes > 0
+    assert record.memory_method == METHOD
+    # conv forward 2*N*Cout*Cin*9*H*W; backward twice that (input and weight gradients); BN/ReLU uncounted.
+    conv = 2 * 2 * 8 * 4 * 9 * 6 * 6
+    assert record.flops_per_step == 3 * conv
+    assert record.tflops_per_s == pytest.approx(3 * conv / record.step_time_median_s / 1e12)
+    assert Record.from_dict(record.to_dict()) == record
+
+
+def test_cpu_memory_is_deterministic(tiny):
+    name = tiny(TinyConv)
+    first, second = (measure_cell(name, "eager", "inference", 2, "cpu", bench_shape=False, policy=FAST, flops=False)
+                     for _ in range(2))
+    assert first.peak_memory_rise_bytes == second.peak_memory_rise_bytes
+    # The output alone (2x8x6x6 float32) is live at the peak of an inference step.
+    assert first.peak_memory_rise_bytes >= 2 * 8 * 6 * 6 * 4
+
+
+def test_gate_fails_a_wrong_output(tiny):
+    record = measure_cell(tiny(Float32Bug), "channels_last", "inference", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "failed"
+    assert record.rel_error == pytest.approx(0.01, rel=1e-3)
+    assert record.reason.startswith("output relative error 1.000e-02 > 1.0e-04 (float32)")
+    assert record.step_time_median_s is None and record.times_s == []
+
+
+def test_gate_fails_a_wrong_gradient_in_training_only(tiny):
+    name = tiny(Float32GradBug)
+    assert measure_cell(name, "eager", "inference", 2, "cpu", bench_shape=False, policy=FAST).status == "ok"
+    record = measure_cell(name, "eager", "training", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "failed"
+    assert record.reason.startswith("gradients relative error")
+    assert record.rel_error > 0.01
+
+
+def test_oom_is_recorded_not_raised(tiny):
+    record = measure_cell(tiny(OutOfMemory), "eager", "training", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "oom"
+    assert record.batch == 2  # never shrunk
+    assert record.reason.startswith("first call: torch.OutOfMemoryError: CUDA out of memory")
+
+
+def test_compile_failure_is_recorded(tiny, monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("inductor could not lower aten.convolution")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    record = measure_cell(tiny(TinyConv), "compile", "inference", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "error"
+    assert record.reason == "variant: RuntimeError: inductor could not lower aten.convolution"
+
+
+def test_skip_says_why(tiny):
+    record = measure_cell(tiny(TinyConv), "fp16", "inference", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "skipped" and "fp16 needs a CUDA GPU" in record.reason
+    assert record.rel_error is None and record.times_s == []
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(KeyError, match="valid names"):
+        measure_cell("no_such_block", "eager", "inference", 2, "cpu", bench_shape=False)
+    with pytest.raises(ValueError, match="valid modes: inference, training"):
+        measure_cell("basic", "eager", "train", 2, "cpu", bench_shape=False)
+
+
+def test_timer_covers_the_work(tiny):
+    record = measure_cell(tiny(Sleeps), "eager", "inference", 2, "cpu", bench_shape=False, policy=FAST, flops=False)
+    assert record.status == "ok"
+    assert min(record.times_s) >= 0.02
+
+
+def test_timer_waits_for_an_asynchronous_device(tiny, monkeypatch):
+    # The forward returns before its work is done, as a CUDA launch does; only the synchronization inside
+    # the timed round makes the stored time cover the 20 ms of work.
+    monkeypatch.setattr(measure, "synchronizer", _fake_synchronizer)
+    record = measure_cell(tiny(AsyncSleeps), "eager", "inference", 2, "cpu", bench_shape=False, policy=FAST,
+                          flops=False)
+    assert record.status == "ok"
+    assert min(record.times_s) >= 0.02
+    assert not _pending
+
+
+@pytest.mark.slow
+def test_compile_records_its_compile_time_apart(tiny):
+    record = measure_cell(tiny(TinyConv), "compile", "inference", 2, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "ok", record.reason
+    assert record.variant == "compile" and record.rel_error < 1e-5
+    # The first call compiled; the steps after it are far faster than a compile.
+    assert record.compile_time_s > 10 * record.step_time_median_s
+
+
+def test_adaptive_rounds_stop_when_steady_and_flag_noise():
+    steady = adaptive_rounds(lambda: None, FAST, run=lambda step, n: [0.01] * n)
+    assert len(steady) == FAST.min_rounds and median_ci_rel(steady) == 0
+
+    noisy_policy = TimingPolicy(min_rounds=6, max_rounds=40, max_time_s=100.0)
+    noisy = adaptive_rounds(lambda: None, noisy_policy, run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
+    assert len(noisy) == 40 and median_ci_rel(noisy) > noisy_policy.target_ci_rel
+
+    capped = adaptive_rounds(lambda: None, TimingPolicy(min_rounds=6, max_time_s=1.0),
+                             run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
+    assert sum(capped) <= 1.0 + 0.03 * 6
+
+
+def test_statistics_helpers():
+    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    assert quantile([3.0], 0.8) == 3.0
+    assert math.isinf(median_ci_rel([1.0] * 5))
+    assert median_ci_rel([1.0] * 10 + [2.0]) == 0
+
+
+def test_warm_up_ends_when_steady():
+    # Batches of one step each: 60 ms, 40 ms, 20 ms, 20 ms -> the 3rd and 4th agree within 30%.
+    durations = iter([0.06, 0.04] + [0.02] * 100)
+    steps, seconds = warm_up(lambda: time.sleep(next(durations)),
+                             TimingPolicy(warmup_batch_s=0.001, warmup_steady_rel=0.3, warmup_max_s=5.0))
+    assert steps >= 4 and seconds >= 0.14
