@@ -576,11 +576,12 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], t
         for index, layer in enumerate(layers):
             c = _layer_channels(c_in, growth, index)
             prefix = buffer[:, :c]
-            mean, var, batch_stats = _norm_inputs(layer.norm1, channel_mean, channel_var, c, training)
-            if training and layer.norm1.running_mean is not None:
-                update_running_stats(mean, var, layer.norm1.running_mean, layer.norm1.running_var,
-                                     layer.norm1.momentum, rows)
-            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps, conv_dtype)
+            norm1 = layer.norm1
+            mean, var, _ = _norm_inputs(norm1, channel_mean, channel_var, c, training)
+            running = (norm1.running_mean, norm1.running_var, norm1.momentum) \
+                if training and norm1.running_mean is not None else None
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype,
+                              running=running)
             out = _conv_forward(z, layer.conv1_weight)
             del z
             saved = None

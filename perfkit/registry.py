@@ -7,8 +7,8 @@ name, construction takes keyword overrides, and a wrong name lists the right one
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
