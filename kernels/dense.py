@@ -414,7 +414,8 @@ def _bn_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     """(y, mean, var, batch_stats), statistics picked as nn.BatchNorm2d picks them; running ones updated in training."""
     tracking = running_mean is not None and running_var is not None
     if not training and tracking:
-        return bn_relu_apply(x, running_mean, running_var, weight, bias, eps, out_dtype), running_mean, running_var, False
+        y = bn_relu_apply(x, running_mean, running_var, weight, bias, eps, out_dtype)
+        return y, running_mean, running_var, False
     mean, var = batch_norm_stats(x)
     running = None
     if training and tracking:

@@ -44,7 +44,10 @@ class CompareError(ValueError):
 
 def parse_threshold(text: str) -> float:
     """``"5%"`` or ``"0.05"`` -> 0.05; a threshold must be positive."""
-    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"threshold {text!r} is not a number; give e.g. 5% or 0.05") from None
     if not value > 0:
         raise ValueError(f"threshold {text!r} must be positive, e.g. 5% or 0.05")
     return value

@@ -76,6 +76,8 @@ class StageRanges:
         self.block_name = block_name
         self.names: list[str] = []
         """Every range name installed (the trace holds those whose module ran)."""
+        self.nested: set[str] = set()
+        """Ranges inside another stage's range (the epilogue's BatchNorm): left out of the per-stage sums."""
         self._handles: list[Any] = []
         self._open: list[Any] = []
         self._stack: list[str] = []
@@ -92,10 +94,14 @@ class StageRanges:
         self._open.pop().__exit__(None, None, None)
 
     def __enter__(self) -> StageRanges:
+        stages = {qualified: stage_of(module) for qualified, module in self.model.named_modules()}
         for qualified, module in self.model.named_modules():
             label = qualified or self.block_name
-            range_name = f"block:{label}" if not qualified else f"{stage_of(module)}:{qualified}"
+            range_name = f"block:{label}" if not qualified else f"{stages[qualified]}:{qualified}"
             self.names.append(range_name)
+            parts = qualified.split(".")
+            if any(stages.get(".".join(parts[:i]), "module") != "module" for i in range(1, len(parts))):
+                self.nested.add(range_name)
             self._handles.append(module.register_forward_pre_hook(
                 functools.partial(self._pre, range_name, label)))
             self._handles.append(module.register_forward_hook(self._post))
@@ -139,8 +145,12 @@ def _is_range(event: Any, range_names: set[str]) -> bool:
     return event.key in range_names or event.key.split(":", 1)[0] in {"concat", "block", "module", *STAGE_NAMES}
 
 
-def operator_table(prof: torch.profiler.profile, range_names: list[str], on_cuda: bool, title: str) -> str:
-    """Markdown tables of the active steps: top operators by self time, time per stage, the longest ranges."""
+def operator_table(prof: torch.profiler.profile, range_names: list[str], on_cuda: bool, title: str,
+                   nested: set[str] = frozenset()) -> str:
+    """Markdown tables of the active steps: top operators by self time, time per stage, the longest ranges.
+
+    ``nested`` names ranges that run inside another stage's range; the per-stage sums leave them out.
+    """
     averages = prof.key_averages()
     ranges = set(range_names)
 
@@ -170,7 +180,8 @@ def operator_table(prof: torch.profiler.profile, range_names: list[str], on_cuda
     per_stage: dict[str, list[float]] = {}
     for e in range_events:
         stage = e.key.split(":", 1)[0]
-        if stage not in ("block", "module"):  # these contain the others: summing them would count twice
+        # block and module ranges contain the stages, nested ones sit inside one: either would count twice
+        if stage not in ("block", "module") and e.key not in nested:
             calls_time = per_stage.setdefault(stage, [0, 0.0])
             calls_time[0] += e.count
             calls_time[1] += total_us(e)
@@ -251,7 +262,7 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
         raise RuntimeError(f"expected one trace in {run_dir}, found {[t.name for t in traces]}")
     range_names = ranges.names if ranges is not None else []
     title = f"{name} · {parsed.name} · {mode} · batch {batch} · {device}"
-    table = operator_table(prof, range_names, on_cuda, title)
+    table = operator_table(prof, range_names, on_cuda, title, ranges.nested if ranges is not None else set())
     table_path = run_dir / "top_operators.md"
     table_path.write_text(table)
     return ProfileResult(run_dir, traces[0], table_path, table, range_names)

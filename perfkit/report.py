@@ -291,7 +291,6 @@ def _table(frame: pd.DataFrame, text) -> list[str]:
     """A markdown table, one row per block (and batch), one column per variant, each cell ``text(row)``."""
     variants = _ordered_variants(frame)
     rows = _block_rows(frame)
-    batches_per_block = frame.groupby("block")["batch"].nunique()
     lines = ["| block | batch | " + " | ".join(f"`{v}`" for v in variants) + " |",
              "|---|---:|" + "---|" * len(variants)]
     by_cell = {(r.block, r.batch, r.variant): r for r in frame.itertuples(index=False)}
@@ -300,8 +299,7 @@ def _table(frame: pd.DataFrame, text) -> list[str]:
         for variant in variants:
             record = by_cell.get((block, batch, variant))
             cells.append("" if record is None else text(pd.Series(record._asdict())))
-        label = _row_label(block, batch, batches_per_block[block]).split(" (batch")[0]
-        lines.append(f"| {label} | {batch} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{block}` | {batch} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -121,7 +121,8 @@ def test_run_writes_every_field(tmp_path):
 def test_ids_and_profile_defaults():
     result = _pytest("--collect-only", "-q", "--perfkit-device=cpu")
     assert result.returncode == 0, result.stderr
-    ids = [line.split("[", 1)[1].rstrip("]") for line in result.stdout.splitlines() if "test_matrix[" in line]
+    ids = [line.split("[", 1)[1].rstrip("]") for line in result.stdout.splitlines()
+           if "test_matrix[" in line or "test_kernel[" in line]
     assert "basic-channels_last-training-b8" in ids
     assert "basic-compile-inference-b8" in ids
     # The quick profile compiles one small block only.

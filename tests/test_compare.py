@@ -209,3 +209,12 @@ def test_unmatched_cells_are_listed(runs, tmp_path, capsys):
 
     status, out, _ = compare(capsys, runs[0], edited(runs[0], tmp_path / "fewer.json", drop_one))
     assert status == 0 and "Only in base (1)" in out
+
+
+def test_threshold_parsing():
+    from perfkit.compare import parse_threshold
+
+    assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.1") == pytest.approx(0.1)
+    for bad in ("x", "-5%", "0"):
+        with pytest.raises(ValueError, match="threshold"):
+            parse_threshold(bad)

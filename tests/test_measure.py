@@ -34,6 +34,17 @@ class TinyConv(nn.Module):
         return torch.relu(self.bn(self.conv(x)))
 
 
+class TinyNet(TinyConv):
+    """A network in miniature: logits, so the training loss is cross-entropy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(super().forward(x).mean(dim=(2, 3)))
+
+
 class Float32Bug(TinyConv):
     """Planted wrong variant: the float32 path scales the output by 1.01, the float64 reference does not."""
 
@@ -132,6 +143,13 @@ def test_ok_cell_has_every_field(tiny):
     assert record.flops_per_step == 3 * conv
     assert record.tflops_per_s == pytest.approx(3 * conv / record.step_time_median_s / 1e12)
     assert Record.from_dict(record.to_dict()) == record
+
+
+def test_network_trains_on_cross_entropy(tiny):
+    record = measure_cell(tiny(TinyNet, "network"), "channels_last", "training", 3, "cpu", bench_shape=False,
+                          policy=FAST)
+    assert record.status == "ok", record.reason
+    assert record.kind == "network" and record.rel_error < 1e-5
 
 
 def test_cpu_memory_is_deterministic(tiny):

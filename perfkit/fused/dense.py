@@ -49,8 +49,12 @@ class FusedDenseBlock(nn.Module):
 
     @classmethod
     def from_reference(cls, ref: DenseBlock) -> FusedDenseBlock:
-        """Wrap ``ref``'s layers (shared, not copied): training one trains the other."""
-        return cls(ref.layers, ref.in_channels, ref.growth_rate)
+        """Wrap ``ref``'s layers (shared, not copied, in ``ref``'s train/eval mode): training one trains the other.
+
+        The block's own ``training`` flag picks batch or running statistics for all its BatchNorms at once;
+        one BatchNorm put in eval mode alone (frozen BN) is not followed.
+        """
+        return cls(ref.layers, ref.in_channels, ref.growth_rate).train(ref.training)
 
     @property
     def out_channels(self) -> int:

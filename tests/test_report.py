@@ -1,0 +1,131 @@
+"""``perfkit report`` on a small real run of the quick profile, with a failed cell and a kernel cell planted
+into a copy of its JSON lines."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from perfkit.cli import main
+from perfkit.record import Record, append_jsonl, read_jsonl
+from perfkit.report import device_slug, load_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """The quick profile's ``basic`` block in eager, channels_last and fp16 (skipped on the CPU), both modes:
+    (benchmark JSON, JSON lines)."""
+    out = tmp_path_factory.mktemp("run")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_matrix.py", "-q", "-p", "no:cacheprovider",
+         "--perfkit-profile=quick", "--perfkit-blocks=basic", "--perfkit-variants=eager,channels_last,fp16",
+         f"--perfkit-jsonl={out / 'results.jsonl'}", f"--benchmark-json={out / 'bench.json'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out / "bench.json", out / "results.jsonl"
+
+
+@pytest.fixture(scope="module")
+def planted(run, tmp_path_factory) -> Path:
+    """A copy of the run's JSON lines where channels_last training failed its gate yet ran 10x faster, plus
+    a kernel cell."""
+    records = read_jsonl(run[1])
+    path = tmp_path_factory.mktemp("planted") / "planted.jsonl"
+    for record in records:
+        append_jsonl(path, record)
+    cell = next(r for r in records if r.variant == "channels_last" and r.mode == "training")
+    append_jsonl(path, dataclasses.replace(
+        cell, status="failed", rel_error=0.3, reason="gradients relative error 3.000e-01 > 1.0e-04",
+        step_time_median_s=cell.step_time_median_s / 10, samples_per_s=cell.samples_per_s * 10))
+    append_jsonl(path, Record(
+        block="wrc_epilogue", variant="triton", mode="inference", dtype="float32", batch=8, status="ok",
+        kind="kernel", device=cell.device, step_time_median_s=1e-3, times_s=[1e-3] * 5, bytes_per_step=4 * 10**6,
+        flops_per_step=10**6, achieved_gb_per_s=4.0))
+    return path
+
+
+def report(*args) -> int:
+    return main(["report", *map(str, args)])
+
+
+def test_report_from_the_real_run(run, tmp_path):
+    bench, _ = run
+    assert report(bench, "-o", tmp_path) == 0
+    device = json.loads(bench.read_text())["machine_info"]["perfkit_device"]
+    folder = tmp_path / device_slug(device)
+    assert folder.name.startswith("cpu-")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "memory-inference.png", "memory-training.png", "speedup-inference.png",
+                     "speedup-training.png", "summary.csv"]
+    readme = (folder / "README.md").read_text()
+    assert device["name"] in readme and "profile `quick`" in readme
+    for text in ("## Inference", "## Training", "`basic`", "`eager`", "`channels_last`", "`fp16`",
+                 "skipped: fp16 needs a CUDA GPU", "**1.00×**", "### Best variant per block",
+                 "](speedup-training.png)", "](memory-inference.png)"):
+        assert text in readme, text
+    rows = list(csv.DictReader((folder / "summary.csv").open()))
+    assert len(rows) == 6 and "times_s" not in rows[0]
+    assert {r["status"] for r in rows} == {"ok", "skipped"}
+    index = (tmp_path / "README.md").read_text()
+    assert f"[{folder.name}/]({folder.name}/README.md)" in index and "| `basic` |" in index
+
+
+def test_failed_cell_never_reads_as_a_speedup(run, planted, tmp_path):
+    assert report(run[0], planted, "-o", tmp_path, "--copy-gbps", "8") == 0
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    readme = (folder / "README.md").read_text()
+    training = readme.split("## Training")[1]
+    speedup_row = next(line for line in training.splitlines() if line.startswith("| `basic` |"))
+    assert "FAILED (err 3e-01)" in speedup_row and "×** ·" in speedup_row  # eager's speedup, not the failed one
+    assert speedup_row.count("×") == 1
+    best = training.split("### Best variant per block")[1]
+    assert "`channels_last`" not in best
+    # The kernel: 4 MB in 1 ms is 4 GB/s, half the 8 GB/s copy bandwidth given.
+    assert "| `wrc_epilogue` | `triton` | inference | float32 | 8 | 1000.0 µs | 4.0 | 50% |" in readme
+    assert (folder / "roofline.png").exists() and "](roofline.png)" in readme
+
+
+def test_rerun_replaces_the_report(run, planted, tmp_path):
+    assert report(run[0], planted, "-o", tmp_path) == 0
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    (folder / "ceilings.json").write_text(json.dumps({"copy_gb_per_s": 16.0}))
+    assert report(run[0], "-o", tmp_path) == 0  # no kernel cells this time
+    assert not (folder / "roofline.png").exists()
+    assert (folder / "ceilings.json").exists()
+    first = (folder / "README.md").read_text()
+    assert report(run[0], "-o", tmp_path) == 0
+    assert (folder / "README.md").read_text() == first
+
+
+def test_ceilings_file_gives_the_fraction(run, planted, tmp_path):
+    records = read_jsonl(planted)
+    folder = tmp_path / device_slug(records[0].device)
+    folder.mkdir()
+    (folder / "ceilings.json").write_text(json.dumps({"copy_gb_per_s": 16.0, "bf16_tflops": 1.0}))
+    assert report(planted, "-o", tmp_path) == 0
+    assert "| 4.0 | 25% |" in (folder / "README.md").read_text()
+
+
+def test_json_and_jsonl_hold_the_same_cells(run):
+    from_json, from_lines = load_results(run[0]).records, load_results(run[1]).records
+    key = lambda r: (r.block, r.variant, r.mode, r.status)  # noqa: E731
+    assert sorted(map(key, from_json)) == sorted(map(key, from_lines))
+    timed = [r for r in from_json if r.status == "ok"]
+    assert timed and all(len(r.times_s) == r.rounds for r in timed)
+
+
+def test_bad_input_exits_2(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text('{"benchmarks": [')
+    assert report(tmp_path / "bad.json", "-o", tmp_path / "out") == 2
+    assert "bad.json: line 1: invalid JSON" in capsys.readouterr().err
+    assert report(tmp_path / "missing.json", "-o", tmp_path / "out") == 2
+    assert "missing.json: cannot read" in capsys.readouterr().err
