@@ -10,6 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= out
+REPORTS ?= reports
 
 .PHONY: setup test bench lint clean
 
@@ -36,6 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	@mkdir -p $(OUT) && rm -f $(OUT)/results.jsonl
 	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl
+	$(PY) -m perfkit report $(OUT)/bench.json -o $(REPORTS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check perfkit kernels benchmarks tests

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -334,5 +335,6 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     matrix = config.stash[_STATE]
     output_json["perfkit_profile"] = matrix.profile_name
+    output_json["perfkit_command"] = shlex.join(["pytest", *config.invocation_params.args])
     output_json["perfkit_skipped_cells"] = matrix.skipped
     output_json["perfkit_failed_cells"] = matrix.failed

@@ -7,7 +7,8 @@ The order of work in a cell, and why:
    device; the float64 copy runs the same batch (inference: the output; training: the output and every
    gradient after one forward and backward). The variant's relative error ``‖a − ref‖/‖ref‖`` is checked
    against ``perfkit.testing.REL_TOLERANCE`` for its compute dtype (``tf32`` for float32 on a GPU that
-   allows it). A cell over tolerance is ``failed`` and is not timed, so it can never read as a speedup.
+   allows it), the gradients' against ``GRAD_REL_TOLERANCE``. A cell over tolerance is ``failed`` and is
+   not timed, so it can never read as a speedup.
    The gate's call is the variant's first call, so for a compiled variant it is the compile time.
 3. **Warm-up until steady**: batches of steps until two consecutive batches agree on the time per step
    within a few percent (or a time cap).
@@ -46,7 +47,7 @@ from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
-from perfkit.testing import REL_TOLERANCE, relative_error
+from perfkit.testing import GRAD_REL_TOLERANCE, REL_TOLERANCE, relative_error
 from perfkit.variants import (
     MODES,
     Prepared,
@@ -321,6 +322,7 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
     base: dict[str, Any] = dict(
         block=name, variant=variant.name, mode=mode, dtype=variant.compute_dtype, batch=batch, kind=entry.kind,
         input_shape=[batch, *shape], device=device_identity(device), tolerance=REL_TOLERANCE[tol_dtype],
+        grad_tolerance=GRAD_REL_TOLERANCE[tol_dtype] if mode == "training" else None,
         timer=TIMER,
     )
     progress: dict[str, Any] = {"stage": "build", "result": {}}
@@ -380,13 +382,16 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
 
     progress["stage"] = "correctness gate"
     out_error = relative_error(out.float(), ref_out)
-    grad_error = relative_error(_flat(grads), ref_grad) if ref_grad is not None else 0.0
+    result["rel_error"] = out_error
+    if ref_grad is not None:
+        result["grad_rel_error"] = relative_error(_flat(grads), ref_grad)
     del out, grads, ref_out, ref_grad
-    result["rel_error"] = max(out_error, grad_error)
-    if result["rel_error"] > base["tolerance"]:
-        what = "output" if out_error >= grad_error else "gradients"
-        reason = (f"{what} relative error {result['rel_error']:.3e} > {base['tolerance']:.1e} "
-                  f"({tol_dtype}) against the float64 reference")
+    failures = [f"{what} relative error {err:.3e} > {tol:.1e}"
+                for what, err, tol in (("output", out_error, base["tolerance"]),
+                                       ("gradients", result.get("grad_rel_error"), base["grad_tolerance"]))
+                if err is not None and err > tol]
+    if failures:
+        reason = f"{'; '.join(failures)} ({tol_dtype}) against the float64 reference"
         return Record(status="failed", reason=reason, **base, **result)
     prepared.zero_grad()
     if variant.triton and triton_interpreted(device):

@@ -67,7 +67,11 @@ class Record:
     memory_method: str | None = None
     # correctness gate against float64
     rel_error: float | None = None
+    """Relative error of the output against the float64 reference."""
     tolerance: float | None = None
+    grad_rel_error: float | None = None
+    """Training cells: relative error of all parameter (and, for blocks, input) gradients, flattened."""
+    grad_tolerance: float | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

@@ -71,9 +71,11 @@ def _from_pytest_benchmark(data: dict[str, Any], path: str) -> Results:
             raise ResultsError(f"{where}: extra_info holds no perfkit record (no 'schema' key); "
                                "was this file written by perfkit's benchmarks/?")
         record = _record(extra, where)
-        # stats.data holds the rounds pytest-benchmark itself timed; they are the times compared.
+        # The record's own rounds come first: for kernel cells they are device-event times after an L2
+        # flush, where pytest-benchmark's stats.data holds host-clock times with launch latency. For
+        # block cells the two are the same list; stats.data serves files whose records lack them.
         rounds = (bench.get("stats") or {}).get("data")
-        if rounds:
+        if rounds and not record.times_s:
             record.times_s = [float(t) for t in rounds]
         records.append(record)
     for key in UNTIMED_CELLS_KEYS:
@@ -233,8 +235,8 @@ def status_text(row: pd.Series) -> str | None:
     if status == "ok":
         return None
     if status == "failed":
-        err = row.get("rel_error")
-        return f"FAILED (err {err:.0e})" if _present(err) else "FAILED"
+        err = max((e for e in (row.get("rel_error"), row.get("grad_rel_error")) if _present(e)), default=None)
+        return f"FAILED (err {err:.0e})" if err is not None else "FAILED"
     if status == "oom":
         return "OOM"
     reason = row.get("reason")
@@ -266,12 +268,15 @@ def _memory_text(row: pd.Series, memory_column: str) -> str:
 def _error_text(row: pd.Series) -> str:
     if row["status"] in ("oom", "error", "skipped"):
         return status_text(row)
-    err, tol = row.get("rel_error"), row.get("tolerance")
-    if not _present(err):
+    parts = []
+    for label, err, tol in (("", row.get("rel_error"), row.get("tolerance")),
+                            ("grad ", row.get("grad_rel_error"), row.get("grad_tolerance"))):
+        if _present(err):
+            mark = f" {'≤' if err <= tol else '>'} {tol:.0e}" if _present(tol) else ""
+            parts.append(f"{label}{err:.1e}{mark}")
+    if not parts:
         return "—"
-    mark = ("≤" if err <= tol else ">") if _present(tol) else ""
-    verdict = "" if row["status"] == "ok" else " FAILED"
-    return f"{err:.1e} {mark} {tol:.0e}{verdict}" if _present(tol) else f"{err:.1e}{verdict}"
+    return "; ".join(parts) + ("" if row["status"] == "ok" else " FAILED")
 
 
 def _ordered_variants(frame: pd.DataFrame) -> list[str]:

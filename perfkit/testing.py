@@ -18,6 +18,21 @@ REL_TOLERANCE: dict[str, float] = {
 }
 """Largest relative error accepted for a result computed in (or stored as) each dtype."""
 
+GRAD_REL_TOLERANCE: dict[str, float] = {
+    "float64": 1e-10,
+    "float32": 1e-3,
+    "tf32": 5e-3,
+    "bfloat16": 1e-1,
+    "float16": 5e-2,
+}
+"""Largest relative error accepted for the gradients of a training step in each compute dtype.
+
+Looser than the output's: a low-precision forward flips a few ReLU decisions (about 0.1% of them in
+bf16), and each flip moves one term of a weight gradient's sum of terms of random sign, so the error
+comes out near the square root of the flip rate (measured: 5e-2 to 7e-2 for bf16 blocks on the CPU,
+4e-3 for one conv+BN without a ReLU). A wrong kernel is off by order one.
+"""
+
 
 def dtype_name(dtype: torch.dtype | str) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``; strings pass through after a check against the table."""

@@ -31,7 +31,8 @@ DEVICE = torch.device("cpu" if _INTERPRETED else "cuda")
 
 from perfkit.kernels import wrc  # noqa: E402
 
-from perfkit.fused.wrc import FusedResidualEpilogue, fuse_residual_epilogues  # noqa: E402
+from perfkit.fused import fusable_modules, to_triton  # noqa: E402
+from perfkit.fused.wrc import FusedResidualEpilogue  # noqa: E402
 
 EPS = 1e-5
 
@@ -269,7 +270,8 @@ class _TinyBlock(nn.Module):
 def _train_both(reference: nn.Module, x: torch.Tensor, steps: int = 3) -> nn.Module:
     """Swap the fused epilogue into a copy of ``reference``; SGD both ``steps`` times; check each step."""
     fused = copy.deepcopy(reference)
-    assert fuse_residual_epilogues(fused) > 0
+    assert fusable_modules(fused)
+    fused = to_triton(fused)
     with torch.no_grad():
         target = torch.randn(reference.eval()(x).shape, device=x.device)
     reference.train()
@@ -307,7 +309,7 @@ def test_registered_wrc_block_trains_like_the_reference():
     _train_both(reference, entry.example_input(2, device=DEVICE))
     reference.eval()
     fused = copy.deepcopy(reference)
-    fuse_residual_epilogues(fused)
+    fused = to_triton(fused)
     x = entry.example_input(2, device=DEVICE)
     with torch.no_grad():
         assert_close(fused(x), reference(x), torch.float32, "eval output")

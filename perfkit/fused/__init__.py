@@ -43,6 +43,7 @@ def to_triton(model: nn.Module) -> nn.Module:
         reference = model.get_submodule(name)
         module_name, class_name = FUSED_FOR[type(reference)]
         fused = getattr(importlib.import_module(module_name), class_name).from_reference(reference)
+        fused.train(reference.training)  # a fresh module starts in training mode; keep the model's
         if name == "":
             return fused
         parent_name, _, attr = name.rpartition(".")

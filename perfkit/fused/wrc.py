@@ -54,11 +54,3 @@ class FusedResidualEpilogue(nn.Module):
         kind = "learnable" if isinstance(self.alpha, nn.Parameter) else "fixed"
         return f"alpha={self.alpha.item():g}, beta={self.beta.item():g}, {kind}"
 
-
-def fuse_residual_epilogues(model: nn.Module) -> int:
-    """Replace every ``ResidualEpilogue`` inside ``model`` (in place) by its fused twin; returns how many."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, ResidualEpilogue)]
-    for parent, name, child in targets:
-        setattr(parent, name, FusedResidualEpilogue.from_reference(child))
-    return len(targets)
