@@ -481,8 +481,11 @@ def bn_relu_bytes_moved(shape: Sequence[int], dtype: torch.dtype, *, training: b
 
 @dataclass(frozen=True)
 class NormState:
-    """A BatchNorm's non-differentiable state for one call: running statistics, their update, eps."""
+    """A BatchNorm's non-differentiable state for one call: its mode, running statistics, their update, eps."""
 
+    training: bool
+    """nn.BatchNorm2d's ``training``: batch statistics, and the running ones updated. Per norm, so a frozen
+    (eval-mode) BatchNorm inside a training model is followed."""
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     momentum: float | None
@@ -546,15 +549,19 @@ class _BlockForward:
     conv_dtype: torch.dtype
 
 
+def _uses_batch_stats(norm: NormState) -> bool:
+    return norm.training or norm.running_mean is None
+
+
 def _norm_inputs(layer_norm: NormState, channel_mean: torch.Tensor | None, channel_var: torch.Tensor | None,
-                 channels: int, training: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                 channels: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean, var, batch_stats) a layer's norm1 uses on its prefix: shared batch stats or its running ones."""
-    if training or layer_norm.running_mean is None:
+    if _uses_batch_stats(layer_norm):
         return channel_mean[:channels], channel_var[:channels], True
     return layer_norm.running_mean, layer_norm.running_var, False
 
 
-def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], training: bool,
+def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
                          keep_for_backward: bool) -> _BlockForward:
     n, c_in, h, w = x.shape
     growth = layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
@@ -563,7 +570,7 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], t
     buffer[:, :c_in].copy_(x)
     conv_dtype = _conv_dtype(x)
     rows = n * h * w
-    batch_stats_needed = any(training or layer.norm1.running_mean is None for layer in layers)
+    batch_stats_needed = any(_uses_batch_stats(layer.norm1) for layer in layers)
     channel_mean = channel_var = None
     if batch_stats_needed:
         if rows < 2:
@@ -578,9 +585,9 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], t
             c = _layer_channels(c_in, growth, index)
             prefix = buffer[:, :c]
             norm1 = layer.norm1
-            mean, var, _ = _norm_inputs(norm1, channel_mean, channel_var, c, training)
+            mean, var, _ = _norm_inputs(norm1, channel_mean, channel_var, c)
             running = (norm1.running_mean, norm1.running_var, norm1.momentum) \
-                if training and norm1.running_mean is not None else None
+                if norm1.training and norm1.running_mean is not None else None
             z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype,
                               running=running)
             out = _conv_forward(z, layer.conv1_weight)
@@ -590,7 +597,8 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], t
                 hidden = out
                 norm2 = layer.norm2
                 a, mean2, var2, _ = _bn_relu_forward(hidden, layer.norm2_weight, layer.norm2_bias, norm2.running_mean,
-                                                     norm2.running_var, training, norm2.momentum, norm2.eps)
+                                                     norm2.running_var, norm2.training, norm2.momentum,
+                                                     norm2.eps)
                 out = _conv_forward(a, layer.conv2_weight)
                 del a
                 if keep_for_backward:
@@ -608,8 +616,8 @@ class _DenseBlockFunction(torch.autograd.Function):
     """The whole dense block as one autograd node; inputs: x, the layer specs, then every parameter."""
 
     @staticmethod
-    def forward(ctx, x, layers, training, *params):
-        state = _dense_block_forward(x, layers, training, keep_for_backward=True)
+    def forward(ctx, x, layers, *params):
+        state = _dense_block_forward(x, layers, keep_for_backward=True)
         # The buffer is the output and saved as such; params are inputs. The statistics and each BC
         # layer's h are intermediates no one else holds, so they ride on ctx.
         # The buffer leaves ctx.state: an output held on ctx (not through save_for_backward) would make a
@@ -618,7 +626,6 @@ class _DenseBlockFunction(torch.autograd.Function):
         buffer, state.buffer = state.buffer, None
         ctx.state = state
         ctx.layers = layers
-        ctx.training = training
         ctx.in_channels = x.shape[1]
         return buffer
 
@@ -645,15 +652,14 @@ class _DenseBlockFunction(torch.autograd.Function):
                     a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
                     grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
                     del a
-                    batch2 = ctx.training or layer.norm2.running_mean is None
+                    batch2 = _uses_batch_stats(layer.norm2)
                     grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
                         hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
                         batch_stats=batch2)
                     del grad_a
                     grad_out_l = grad_hidden
                 prefix = buffer[:, :c]
-                mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c,
-                                                      ctx.training)
+                mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c)
                 z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
                                   state.conv_dtype)
                 grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
@@ -672,7 +678,7 @@ class _DenseBlockFunction(torch.autograd.Function):
                 param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
         grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) \
             if ctx.needs_input_grad[0] else None
-        return (grad_x, None, None, *param_grads)
+        return (grad_x, None, *param_grads)
 
 
 def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
@@ -704,15 +710,16 @@ def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
                                  f"got {tuple(weight.shape[2:])}")
 
 
-def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors], *, training: bool) -> torch.Tensor:
+def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> torch.Tensor:
     """DenseNet block ``cat(x, f_0, f_1, ...)`` into one buffer, f_l = layer l on the channel prefix.
 
     Same result, gradients and running-statistics updates as the eager block (nn.BatchNorm2d semantics,
-    BN in training uses batch statistics); training memory grows linearly in depth (see the module docstring).
+    each BatchNorm in its own ``NormState.training`` mode); training memory grows linearly in depth (see
+    the module docstring).
     Differentiable when grad mode is on and x or a parameter requires grad; otherwise nothing is kept.
     """
     _check_block(x, layers)
     params = [p for layer in layers for p in _layer_params(layer)]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _DenseBlockFunction.apply(x, tuple(layers), training, *params)
-    return _dense_block_forward(x, layers, training, keep_for_backward=False).buffer
+        return _DenseBlockFunction.apply(x, tuple(layers), *params)
+    return _dense_block_forward(x, layers, keep_for_backward=False).buffer

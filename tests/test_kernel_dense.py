@@ -253,6 +253,23 @@ def test_dense_block_single_image_momentum_none() -> None:
     _compare_block(block, "channels_last", torch.float32, training=True, shape=(1, 4, 7, 7))
 
 
+def test_dense_block_follows_frozen_batch_norms() -> None:
+    """A training block with some BatchNorms frozen (eval mode), as when fine-tuning: each keeps its own mode."""
+    block = _make_block(True).train()
+    block.layers[0].norm1.eval()
+    block.layers[2].norm2.eval()
+    reference = copy.deepcopy(block).double()
+    x = _to_layout(_random_input((2, 5, 5, 6)), "nchw").requires_grad_(True)
+    x64 = x.detach().double().requires_grad_(True)
+    out, expected = FusedDenseBlock.from_reference(block)(x), reference(x64)
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    out.backward(grad.float())
+    expected.backward(grad)
+    assert_close(out, expected, torch.float32, "output")
+    assert_close(x.grad, x64.grad, torch.float32, "x.grad")
+    _assert_same_state(block, reference, torch.float32)
+
+
 def test_dense_block_without_grad_keeps_nothing() -> None:
     """Inference: no autograd node, the output equals the reference's, and the running stats are untouched."""
     block = _make_block(True).eval()

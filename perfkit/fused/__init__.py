@@ -43,7 +43,9 @@ def to_triton(model: nn.Module) -> nn.Module:
         reference = model.get_submodule(name)
         module_name, class_name = FUSED_FOR[type(reference)]
         fused = getattr(importlib.import_module(module_name), class_name).from_reference(reference)
-        fused.train(reference.training)  # a fresh module starts in training mode; keep the model's
+        # A fresh module starts in training mode. Set only its own flag: .train() would recurse into the
+        # shared submodules and unfreeze a BatchNorm deliberately left in eval mode.
+        fused.training = reference.training
         if name == "":
             return fused
         parent_name, _, attr = name.rpartition(".")

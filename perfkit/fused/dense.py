@@ -51,10 +51,13 @@ class FusedDenseBlock(nn.Module):
     def from_reference(cls, ref: DenseBlock) -> FusedDenseBlock:
         """Wrap ``ref``'s layers (shared, not copied, in ``ref``'s train/eval mode): training one trains the other.
 
-        The block's own ``training`` flag picks batch or running statistics for all its BatchNorms at once;
-        one BatchNorm put in eval mode alone (frozen BN) is not followed.
+        As in the reference, each BatchNorm's own ``training`` flag picks batch or running statistics, so a
+        BatchNorm frozen in eval mode inside a training model stays frozen.
         """
-        return cls(ref.layers, ref.in_channels, ref.growth_rate).train(ref.training)
+        fused = cls(ref.layers, ref.in_channels, ref.growth_rate)
+        # Only this module's own flag: .train(mode) would recurse into the shared layers and unfreeze them.
+        fused.training = ref.training
+        return fused
 
     @property
     def out_channels(self) -> int:
@@ -65,11 +68,11 @@ class FusedDenseBlock(nn.Module):
         from perfkit.kernels.dense import NormState
 
         momentum = 0.0 if norm.momentum is None else norm.momentum
-        if self.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)
             if norm.momentum is None:
                 momentum = 1.0 / float(norm.num_batches_tracked)
-        return NormState(norm.running_mean, norm.running_var, momentum, norm.eps)
+        return NormState(norm.training, norm.running_mean, norm.running_var, momentum, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from perfkit.kernels.dense import DenseLayerTensors, dense_block
@@ -83,4 +86,4 @@ class FusedDenseBlock(nn.Module):
                           if layer.bottleneck else {})
             layers.append(DenseLayerTensors(layer.norm1.weight, layer.norm1.bias, self._norm_state(layer.norm1),
                                             layer.conv1.weight, **bottleneck))
-        return dense_block(x, layers, training=self.training)
+        return dense_block(x, layers)
