@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,6 +497,22 @@ def _kernel_lines(kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str
     return [*lines, ""]
 
 
+def _keep_results(results: Sequence[Results], slug: str, device_dir: Path) -> list[str]:
+    """Copy each results file whose cells all ran on this device into its folder; returns the names.
+
+    The copy is what ``perfkit compare`` reads as this device's baseline when a new run is made.
+    """
+    kept = []
+    for result in results:
+        source = Path(result.path)
+        if result.records and all(device_slug(r.device) == slug for r in result.records):
+            target = device_dir / source.name
+            if source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
+            kept.append(source.name)
+    return kept
+
+
 def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Results], records: Sequence[Record],
                         out_dir: Path, copy_gbps: float | None = None) -> Path:
     """Write ``out_dir/slug/`` (README.md, summary.csv, PNGs) for one device's cells; returns the folder."""
@@ -509,12 +526,14 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
             stale.unlink()
     ceilings = read_ceilings(device_dir, copy_gbps)
     frame.to_csv(device_dir / "summary.csv", index=False)
+    kept = _keep_results(results, slug, device_dir)
     device = records[0].device
     memory_column = "peak_memory_bytes" if frame["peak_memory_bytes"].notna().any() else "peak_memory_rise_bytes"
     methods = sorted(set(frame["memory_method"].dropna()))
     lines = [f"# perfkit report: {device_name(device)}", "",
              f"{len(frame)} cells: " + ", ".join(f"{n} {s}" for s, n in frame["status"].value_counts().sort_index()
-                                                  .items()) + ". Raw cells: [summary.csv](summary.csv).", ""]
+                                                  .items()) + ". Raw cells: [summary.csv](summary.csv)"
+             + "".join(f", [{name}]({name})" for name in kept) + ".", ""]
     lines += _run_lines(results, records)
     lines += _device_lines(device)
     blocks = frame[frame["kind"] != "kernel"]

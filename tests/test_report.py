@@ -64,9 +64,12 @@ def test_report_from_the_real_run(run, tmp_path):
     folder = tmp_path / device_slug(device)
     assert folder.name.startswith("cpu-")
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["README.md", "memory-inference.png", "memory-training.png", "speedup-inference.png",
-                     "speedup-training.png", "summary.csv"]
+    assert names == ["README.md", bench.name, "memory-inference.png", "memory-training.png",
+                     "speedup-inference.png", "speedup-training.png", "summary.csv"]
+    # The run's own JSON is kept beside its report: the baseline `perfkit compare` reads next time.
+    assert (folder / bench.name).read_bytes() == bench.read_bytes()
     readme = (folder / "README.md").read_text()
+    assert f"[{bench.name}]({bench.name})" in readme
     assert device["name"] in readme and "profile `quick`" in readme
     for text in ("## Inference", "## Training", "`basic`", "`eager`", "`channels_last`", "`fp16`",
                  "skipped: fp16 needs a CUDA GPU", "**1.00×**", "### Best variant per block",
