@@ -374,10 +374,10 @@ def cell_counters(name: str, variant: str, mode: str, batch: int) -> dict[str, i
 
 def compute_baseline() -> dict:
     """Counters of every quick-profile block x ``BASELINE_VARIANTS`` x mode at the profile's CPU batch."""
+    import torch
+
     from perfkit.memory import METHOD
     from perfkit.variants import MODES
-
-    import torch
 
     names, batch = quick_profile()
     cells = {}
