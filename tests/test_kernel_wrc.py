@@ -315,6 +315,25 @@ def test_registered_wrc_block_trains_like_the_reference():
         assert_close(fused(x), reference(x), torch.float32, "eval output")
 
 
+def test_small_wrc_resnet_trains_like_the_reference():
+    """A WRC ResNet in miniature: stem, two stages of WRC blocks (the second strided, with a projection
+    shortcut), pooling and a classifier, as ``wrc_resnet18`` is built, at a width the interpreter can train.
+
+    ``wrc_resnet18`` itself is not trained here: at a CPU-sized input its last stage's BatchNorm sees two
+    values per channel, where float32 and float64 gradients already disagree by orders of magnitude.
+    """
+    from perfkit.blocks.resnet import BasicBlock
+
+    reference = nn.Sequential(
+        conv3x3(3, 8), nn.BatchNorm2d(8), nn.ReLU(),
+        BasicBlock(8, 8, learnable=True), BasicBlock(8, 8, learnable=True),
+        BasicBlock(8, 16, stride=2, learnable=True), BasicBlock(16, 16, learnable=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    ).to(DEVICE)
+    fused = _train_both(reference, torch.randn(4, 3, 8, 8, device=DEVICE))
+    assert sum(isinstance(m, FusedResidualEpilogue) for m in fused.modules()) == 4
+
+
 @pytest.mark.parametrize("mutate, error, match", [
     (lambda a: a.update(s=a["s"][:, :-1]), ValueError, "s must have y's shape"),
     (lambda a: a.update(weight=a["weight"][:-1]), ValueError, r"weight must have shape \(6,\)"),
