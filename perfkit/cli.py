@@ -17,7 +17,7 @@ def _format_count(n: float) -> str:
 def _cmd_list(args: argparse.Namespace) -> int:
     import torch
 
-    from perfkit.flops import count_flops
+    from perfkit.measure import step_flops
     from perfkit.registry import get_entry, list_blocks
 
     names = list_blocks(args.pattern, kind=args.kind)
@@ -31,7 +31,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             module = entry.create()
         params = sum(p.numel() for p in module.parameters())
-        flops = count_flops(name, batch=1, bench=True)
+        flops = step_flops(entry, 1, bench_shape=True, mode="inference", input_requires_grad=False)
         rows.append((name, entry.kind, f"{params:,}", _format_count(flops), "x".join(map(str, entry.bench_shape)),
                      entry.description))
     header = ("name", "kind", "params", "FLOPs/sample", "input (C,H,W)", "description")

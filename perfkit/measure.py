@@ -266,8 +266,8 @@ def step_memory(prepared: Prepared, step: Callable[[], None], device: torch.devi
 def step_flops(entry: Entry, batch: int, bench_shape: bool, mode: str, input_requires_grad: bool) -> int:
     """FLOPs of one eager step (forward; in training also the loss and backward), counted on meta tensors.
 
-    Counted here rather than with ``perfkit.flops.count_flops`` so the count matches the timed step: the
-    input's gradient is computed only for blocks (as inside a network), and the loss is the step's own.
+    The count matches the timed step: the input's gradient is computed only for blocks (as inside a
+    network), and the loss is the step's own. The counter counts a multiply-add as two FLOPs.
     """
     training = mode == "training"
     with torch.device("meta"):

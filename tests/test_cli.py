@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from perfkit.cli import _format_count, main
-from perfkit.flops import count_flops
+from perfkit.measure import step_flops
 from perfkit.registry import create, get_entry, list_blocks
 
 
@@ -30,7 +30,8 @@ def test_list_shows_every_entry_with_params_flops_and_shape(capsys: pytest.Captu
         assert shape == "x".join(map(str, entry.bench_shape)), f"{name}: shape column {shape}"
         assert flops[-1] in "kMG" and float(flops[:-1]) > 0, f"{name}: FLOPs column {flops}"
     # ResNet-50 at 224×224: 4.09 G multiply-adds, 8.18 GFLOPs as torch's counter counts them.
-    assert rows["resnet50"][3] == _format_count(count_flops("resnet50")) == "8.18G"
+    resnet50_flops = step_flops(get_entry("resnet50"), 1, True, "inference", False)
+    assert rows["resnet50"][3] == _format_count(resnet50_flops) == "8.18G"
     assert rows["resnet18"][2] == "11,689,512"
 
 
