@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# The quick profile on the CPU, the full one where a GPU is present (benchmarks/conftest.py lists the
+# The quick profile on the CPU, the full one where a GPU is present (perfkit/pytest_plugin.py lists the
 # options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run.
 bench: $(STAMP)
 	@mkdir -p $(OUT) && rm -f $(OUT)/results.jsonl

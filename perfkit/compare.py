@@ -330,21 +330,13 @@ momentum buffers, which later steps reuse."""
 
 
 def quick_profile() -> tuple[list[str], int]:
-    """The quick profile's registered blocks and its block batch, read from ``benchmarks/conftest.py``."""
+    """The quick profile's registered blocks and its block batch (``perfkit.pytest_plugin.PROFILES``)."""
     import fnmatch
-    import importlib.util
-    import sys
 
     import perfkit
+    from perfkit.pytest_plugin import PROFILES
 
-    conftest = REPO_ROOT / "benchmarks" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_perfkit_benchmarks_conftest", conftest)
-    if spec is None or not conftest.exists():
-        raise FileNotFoundError(f"{conftest} not found: the counter baseline follows the matrix's quick profile")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    profile = module.PROFILES["quick"]
+    profile = PROFILES["quick"]
     names = [n for n in perfkit.list_blocks() if any(fnmatch.fnmatchcase(n, p) for p in profile.blocks)]
     return names, profile.block_batches[0]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -133,14 +132,10 @@ def test_ids_and_profile_defaults():
 
 
 def _conftest():
-    """benchmarks/conftest.py as a module, to call its option resolution without starting pytest."""
-    name = "perfkit_benchmarks_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "conftest.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The matrix plugin module, to call its option resolution without starting pytest."""
+    from perfkit import pytest_plugin
+
+    return pytest_plugin
 
 
 class _Config:

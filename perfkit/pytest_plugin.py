@@ -1,4 +1,7 @@
-"""The benchmark matrix's options, parametrization and bookkeeping: ``pytest benchmarks/ --benchmark-json out.json``.
+"""The benchmark matrix as a pytest plugin: its options, parametrization and bookkeeping.
+
+Registered through the ``pytest11`` entry point, so it is active wherever perfkit is installed:
+``pytest benchmarks/ --benchmark-json out.json`` in this checkout, or a user's own folder of benchmarks.
 
 Selection (each option has an environment variable; the option wins):
 
