@@ -90,28 +90,70 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from perfkit.compare import BASELINE_PATH, check_baseline, write_baseline
+    from perfkit.gate import check_baseline, default_baseline_path, write_baseline
 
-    args.path = args.path or str(BASELINE_PATH)
+    path = args.path or default_baseline_path()
     if args.write:
-        path = write_baseline(args.path)
-        print(f"wrote {path}")
+        print(f"wrote {write_baseline(path)}")
         return 0
-    problems = check_baseline(args.path)
+    problems = check_baseline(path)
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:
-        print(f"{args.path}: every counter matches")
+        print(f"{path}: every counter matches")
     return 1 if problems else 0
 
 
 def _add_baseline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baseline", help="check (or --write) the quick profile's CPU counter baseline")
+    p = sub.add_parser("baseline", help="check (or --write) the CI counter gate's baseline: FLOPs, parameters "
+                       "and the memory model's per-category peaks of the quick profile")
     p.add_argument("--write", action="store_true", help="recompute the counters and overwrite the baseline, "
                    "on purpose, after a change that is meant to move them")
     p.add_argument("--path", help="baseline file (default: benchmarks/baselines/cpu-quick-counters.json in the "
-                   "source tree)")
+                   "checkout perfkit runs from; required when perfkit is installed from a wheel)")
     p.set_defaults(func=_cmd_baseline)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of integers, e.g. 64,56,56") from None
+    if any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"{text!r}: every dimension must be positive")
+    return shape
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    import json
+
+    from perfkit.device import check_batch
+    from perfkit.memory_model import MemoryModelUnavailable, default_prediction_device, predict_step_memory, render
+
+    check_batch(args.batch)
+    try:
+        prediction = predict_step_memory(args.name, args.variant, args.mode, args.batch, shape=args.shape,
+                                         device=args.device or default_prediction_device(), top_modules=args.top)
+    except MemoryModelUnavailable as error:
+        print(f"perfkit memory: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(prediction.to_dict(), indent=1) if args.json else render(prediction))
+    return 0
+
+
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("memory", help="predict a step's memory by category and module, without running it "
+                       "(no GPU needed)")
+    p.add_argument("name", help="block or network name (`perfkit list`)")
+    p.add_argument("--variant", default="eager", help="variant, e.g. channels_last+bf16 or triton (default: eager)")
+    p.add_argument("--mode", choices=("inference", "training"), default="training", help="default: training")
+    p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
+    p.add_argument("--shape", type=_shape, help="per-sample input shape C,H,W (default: the entry's benchmark shape)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="the allocator to predict for: cuda rounds each "
+                   "storage up to 512 bytes (default: cuda where torch is built with CUDA, else cpu; no GPU is needed)")
+    p.add_argument("--top", type=int, default=10, help="modules listed, by activation bytes (default: 10)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.set_defaults(func=_cmd_memory)
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
@@ -147,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_compare(sub)
     _add_baseline(sub)
+    _add_memory(sub)
     _add_profile(sub)
     return parser
 

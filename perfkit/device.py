@@ -95,3 +95,25 @@ def device_identity(device: torch.device | str) -> dict[str, Any]:
 def default_device() -> torch.device:
     """CUDA when a GPU is present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``name`` as a device this machine has (None: :func:`default_device`); ValueError naming the valid ones."""
+    if name is None:
+        return default_device()
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    valid = "cpu" + (f", cuda, cuda:0..cuda:{count - 1}" if count else " (no CUDA GPU is available here)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a torch device; valid here: {valid}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= count):
+        raise ValueError(f"device {name!r} is not available; valid here: {valid}")
+    return device
+
+
+def check_batch(batch: int) -> int:
+    """``batch`` if it is a positive integer, else ValueError."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch {batch!r} must be a positive integer (1 or more)")
+    return batch

@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from perfkit.device import device_identity
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
+from perfkit.memory_model import MemoryPlan, format_bytes, plan_cell_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
 from perfkit.testing import GRAD_REL_TOLERANCE, REL_TOLERANCE, relative_error
@@ -339,24 +340,56 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
     return Record(status=status, reason=reason, **base, **progress["result"])
 
 
+def _plan(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
+          seed: int, result: dict[str, Any]) -> MemoryPlan | None:
+    """The cell's memory plan, its prediction filed in ``result``; None (with the reason filed) where the
+    memory model cannot run this cell: the cell then runs as it would without a plan."""
+    try:
+        plan = plan_cell_memory(entry.name, variant, mode, batch, bench_shape=bench_shape, device=device, seed=seed)
+    except Exception as error:  # a fake-tensor gap must not cost the cell its measurement
+        result["predicted_memory"] = {"error": error_message(error, 300)}
+        return None
+    p = plan.variant
+    result.update(predicted_peak_bytes=p.peak_bytes, predicted_peak_rise_bytes=p.peak_rise_bytes,
+                  predicted_memory={"at_peak": p.at_peak, "category_peaks": p.category_peaks, "method": p.method,
+                                    "notes": p.notes, "free_bytes": plan.free_bytes})
+    return plan
+
+
 def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
               seed: int, policy: TimingPolicy, run_rounds: RoundRunner, flops: bool, tol_dtype: str,
               base: dict[str, Any], progress: dict[str, Any]) -> Record:
     result = progress["result"]
+    # The skip check and the memory plan come before anything is allocated on the device.
+    with torch.device("meta"):
+        base["params"] = sum(p.numel() for p in entry.create().parameters())
+        reason = variant.skip_reason(device, entry.create())
+    if reason:
+        return Record(status="skipped", reason=reason, **base)
+    progress["stage"] = "memory prediction"
+    plan = _plan(entry, variant, mode, batch, device, bench_shape, seed, result)
+    gate_batch = plan.gate_batch if plan is not None else batch
+    result["gate_batch"] = gate_batch
+    if plan is not None and not plan.variant_fits:
+        return Record(status="oom", reason=(
+            f"predicted: the step needs at least {format_bytes(plan.variant.peak_bytes)} of tensors and "
+            f"{device} has {format_bytes(plan.free_bytes)} free; not run"), **base, **result)
+    if gate_batch < 1:
+        return Record(status="oom", reason=(
+            f"predicted: the float64 reference does not fit at batch 1 ({format_bytes(plan.reference_peak_bytes)}"
+            f" at batch 1 against {format_bytes(plan.free_bytes)} free), so the cell cannot be gated; not run"),
+            **base, **result)
+
     torch.manual_seed(seed)
     with torch.device(device):
         model = entry.create()
-    base["params"] = sum(p.numel() for p in model.parameters())
-    reason = variant.skip_reason(device, model)
-    if reason:
-        return Record(status="skipped", reason=reason, **base)
     x = entry.example_input(batch, bench=bench_shape, device=device,
                             generator=torch.Generator().manual_seed(seed + 1))
     # A block's input comes from earlier layers and needs its gradient; a network's input is data.
     input_requires_grad = entry.kind == "block"
 
     progress["stage"] = "float64 reference"
-    ref_out, ref_grads = _reference(model, x, mode, input_requires_grad, seed)
+    ref_out, ref_grads = _reference(model, x[:gate_batch], mode, input_requires_grad, seed)
     ref_out = ref_out.to("cpu")
     ref_grad = _flat(ref_grads) if ref_grads else None
     del ref_grads
@@ -370,6 +403,9 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     sync = synchronizer(device)
 
     progress["stage"] = "first call (compile)" if variant.compile_mode is not None else "first call"
+    full_inputs = prepared.inputs
+    if gate_batch < batch:  # the gate runs on the first gate_batch samples, as the reference did
+        prepared.inputs = full_inputs[:gate_batch].detach().requires_grad_(full_inputs.requires_grad)
     start = time.perf_counter()
     if mode == "training":
         out, grads = prepared.forward_backward()
@@ -379,6 +415,8 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     first_call_s = time.perf_counter() - start
     if variant.compile_mode is not None:
         result["compile_time_s"] = first_call_s
+    if gate_batch < batch:
+        prepared.inputs, prepared._loss_target = full_inputs, None
 
     progress["stage"] = "correctness gate"
     out_error = relative_error(out.float(), ref_out)

@@ -8,7 +8,10 @@ module, shape and variant the figure is deterministic, so CI can gate it exactly
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch.profiler import ProfilerActivity, profile
@@ -26,10 +29,34 @@ class StepMemory:
     """Bytes allocated by the call and still live after it (gradients created by the step, say)."""
 
 
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block: kineto writes "USDT: ... profiler_start" and
+    "profiler_stop" lines from C++ straight to it, where no Python setting reaches. Use it around the
+    profiler's start and stop only, so the step's own errors and warnings still show."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_step_memory(step: Callable[[], object]) -> StepMemory:
     """Run ``step`` once under the profiler and return its allocator peak rise and retained bytes."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with native_stderr_silenced():
+        prof.__enter__()
+    try:
         step()
+    finally:
+        with native_stderr_silenced():
+            prof.__exit__(None, None, None)
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
     live = peak = 0

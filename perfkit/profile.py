@@ -209,13 +209,17 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
     Writes ``<out_dir>/<name>-<variant>-<mode>/`` (the trace, and ``top_operators.md`` beside it) and
     returns where. Raises ValueError when the variant cannot run on the device, with the reason.
     """
-    from perfkit.device import default_device
+    from perfkit.device import check_batch, resolve_device
+    from perfkit.memory import native_stderr_silenced
     from perfkit.registry import get_entry
-    from perfkit.variants import parse_variant
+    from perfkit.variants import MODES, parse_variant
 
     entry = get_entry(name)
     parsed = parse_variant(variant)
-    device = torch.device(device) if device else default_device()
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    check_batch(batch)
+    device = resolve_device(device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = entry.create()
@@ -243,20 +247,28 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     ranges = StageRanges(prepared.module, name) if parsed.compile_mode is None else None
     handler = tensorboard_trace_handler(str(run_dir), worker_name=f"{name}-{parsed.name}-{mode}")
-    with torch.profiler.profile(
+    prof = torch.profiler.profile(
         activities=activities,
         schedule=schedule(wait=WAIT_STEPS, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1),
         on_trace_ready=handler, record_shapes=True, profile_memory=True, with_stack=True,
-    ) as prof:
+    )
+    # kineto prints a "USDT: ... profiler_start/stop" line from C++ at each transition of the schedule.
+    with native_stderr_silenced():
+        prof.__enter__()
+    try:
         if ranges is not None:
             ranges.__enter__()
         try:
             for _ in range(WAIT_STEPS + WARMUP_STEPS + ACTIVE_STEPS):
                 step()
-                prof.step()
+                with native_stderr_silenced():
+                    prof.step()
         finally:
             if ranges is not None:
                 ranges.__exit__(None, None, None)
+    finally:
+        with native_stderr_silenced():
+            prof.__exit__(None, None, None)
     traces = sorted(run_dir.glob("*.pt.trace.json"))
     if len(traces) != 1:
         raise RuntimeError(f"expected one trace in {run_dir}, found {[t.name for t in traces]}")

@@ -341,3 +341,20 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     output_json["perfkit_command"] = shlex.join(["pytest", *config.invocation_params.args])
     output_json["perfkit_skipped_cells"] = matrix.skipped
     output_json["perfkit_failed_cells"] = matrix.failed
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write ``--benchmark-json`` when no cell was timed: pytest-benchmark then writes nothing ("no benchmarks
+    have been run"), yet the skipped, failed and OOM cells are the run's results. Runs after pytest-benchmark's
+    own hook (a wrapper that saves before yielding)."""
+    bench = getattr(session.config, "_benchmarksession", None)
+    matrix = session.config.stash.get(_STATE, None)
+    if bench is None or not bench.json or bench.benchmarks or matrix is None or not (matrix.skipped or matrix.failed):
+        return
+    hook = session.config.hook
+    commit_info = hook.pytest_benchmark_generate_commit_info(config=session.config)
+    hook.pytest_benchmark_update_commit_info(config=session.config, commit_info=commit_info)
+    output_json = hook.pytest_benchmark_generate_json(config=session.config, benchmarks=[], include_data=True,
+                                                      machine_info=bench.get_machine_info(), commit_info=commit_info)
+    hook.pytest_benchmark_update_json(config=session.config, benchmarks=[], output_json=output_json)
+    bench.save_json(output_json)

@@ -65,6 +65,17 @@ class Record:
     peak_memory_bytes: int | None = None
     peak_memory_rise_bytes: int | None = None
     memory_method: str | None = None
+    predicted_peak_bytes: int | None = None
+    """The memory model's peak for the step (``perfkit.memory_model``): tensor storages only, no library
+    workspaces; the same on every machine. Set against ``peak_memory_bytes`` it checks the model."""
+    predicted_peak_rise_bytes: int | None = None
+    """The predicted peak above what was live before the step; compare with ``peak_memory_rise_bytes``."""
+    predicted_memory: dict[str, Any] | None = None
+    """The prediction's bytes by category at the peak (``at_peak``), each category's own peak
+    (``category_peaks``), its ``method`` and ``notes``, or the ``error`` that stopped it."""
+    gate_batch: int | None = None
+    """The batch the correctness gate ran at: the cell's batch, or the largest whose float64 reference was
+    predicted to fit in free memory (the timed batch is never shrunk)."""
     # correctness gate against float64
     rel_error: float | None = None
     """Relative error of the output against the float64 reference."""
