@@ -150,7 +150,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size (default: 8)")
     p.add_argument("--shape", type=_shape, help="per-sample input shape C,H,W (default: the entry's benchmark shape)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="the allocator to predict for: cuda rounds each "
-                   "storage up to 512 bytes (default: cuda where torch is built with CUDA, else cpu; no GPU is needed)")
+                   "storage up to 512 bytes and needs a GPU present (default: cuda where a GPU is present, else cpu)")
     p.add_argument("--top", type=int, default=10, help="modules listed, by activation bytes (default: 10)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=_cmd_memory)

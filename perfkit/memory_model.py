@@ -185,8 +185,8 @@ def _to_channels_last(model: nn.Module) -> nn.Module:
 
 
 def default_prediction_device() -> str:
-    """cuda where this torch is built with CUDA (fake CUDA tensors need no GPU), else cpu."""
-    return "cuda" if torch.backends.cuda.is_built() else "cpu"
+    """cuda where a GPU is present, else cpu (the same storages, without CUDA's rounding)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def predict_step_memory(name: str, variant: str | Variant = "eager", mode: str = "training", batch: int = 8, *,
@@ -209,9 +209,10 @@ def predict_step_memory(name: str, variant: str | Variant = "eager", mode: str =
     tracker_class = _tracker_class()
     entry = get_entry(name)
     device = torch.device(device)
-    if device.type == "cuda" and not torch.backends.cuda.is_built():
-        raise ValueError(f"torch {torch.__version__} is built without CUDA, so it cannot model CUDA tensors; "
-                         "predict for device cpu (the same storages, without CUDA's 512-byte rounding)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        # Fake CUDA tensors need a CUDA context in backward (torch 2.11 and 2.13 alike).
+        raise ValueError("predicting for cuda needs a CUDA GPU here (fake CUDA tensors still open a context); "
+                         "predict for device cpu: the same storages, without CUDA's 512-byte rounding")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device.type!r}: the memory model predicts for cpu or cuda")
     shape = tuple(shape) if shape is not None else (entry.bench_shape if bench_shape else entry.test_shape)
