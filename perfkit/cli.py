@@ -51,18 +51,28 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from perfkit.report import build_reports
 
-    folders = build_reports(args.results, args.output, copy_gbps=args.copy_gbps)
+    output = args.baseline if args.publish else args.output
+    folders = build_reports(args.results, output, copy_gbps=args.copy_gbps,
+                            baseline_dir=None if args.no_compare else args.baseline)
     for folder in folders:
         print(f"wrote {folder / 'README.md'}")
-    print(f"wrote {args.output.rstrip('/')}/README.md (index of every device report there)")
+    print(f"wrote {str(output).rstrip('/')}/README.md (index of every device report there)")
     return 0
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="per-device README, summary.csv and plots from benchmark results")
+    from perfkit.report import BASELINE_DIR, DEFAULT_OUTPUT
+
+    p = sub.add_parser("report", help="per-device README, summary.csv and plots from benchmark results, "
+                       "compared with the committed report of the same device")
     p.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json) or JSON-lines files")
-    p.add_argument("-o", "--output", default="reports", help="reports folder; one sub-folder per device "
-                   "(default: reports)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help="reports folder; one sub-folder per device "
+                   f"(default: {DEFAULT_OUTPUT})")
+    p.add_argument("--baseline", default=BASELINE_DIR, help="the committed reports folder each device is compared "
+                   f"with (default: {BASELINE_DIR})")
+    p.add_argument("--no-compare", action="store_true", help="do not compare with the committed reports")
+    p.add_argument("--publish", action="store_true", help="write into the --baseline folder instead of --output, "
+                   "replacing the committed report (and baseline) of each device on purpose")
     p.add_argument("--copy-gbps", type=float, help="the device's measured copy bandwidth in GB/s, for the "
                    "kernels' fraction of it (default: ceilings.json in the device folder, if any)")
     p.set_defaults(func=_cmd_report)
@@ -141,7 +151,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="perfkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="perfkit", description="Profile and optimize CNN building blocks: one "
+                                     "subcommand per job (perfkit COMMAND --help for its options).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
     _add_report(sub)

@@ -34,7 +34,12 @@ UNTIMED_CELLS_KEYS = ("perfkit_skipped_cells", "perfkit_failed_cells")
 time (pytest-benchmark writes only benchmarks that ran): skipped, and failed/oom/error."""
 # Files this module writes into a device folder; anything else there (the committed run JSON, the
 # ceilings) is left alone, and these are removed first so a re-run leaves no stale plot behind.
-GENERATED_PATTERNS = ("README.md", "summary.csv", "speedup-*.png", "memory-*.png", "roofline.png")
+GENERATED_PATTERNS = ("README.md", "summary.csv", "speedup-*.png", "memory-*.png", "roofline.png", "compare.md",
+                      "index.html")
+BASELINE_DIR = "reports"
+"""The committed reports: each device folder's results JSON is that device's baseline. A run writes its report
+elsewhere (``out/reports``) and compares against it; only ``--publish`` writes here."""
+DEFAULT_OUTPUT = "out/reports"
 
 
 class ResultsError(ValueError):
@@ -83,10 +88,13 @@ def _from_pytest_benchmark(data: dict[str, Any], path: str) -> Results:
         for i, extra in enumerate(data.get(key) or []):
             records.append(_record(extra, f"{path}: {key}[{i}]"))
     machine = data.get("machine_info") or {}
+    for record in records:
+        _complete_cpu_identity(record.device, machine)
     commit = data.get("commit_info") or {}
     run = {
         "datetime": data.get("datetime"),
         "commit": commit.get("id"),
+        "commit_time": commit.get("time"),
         "commit_dirty": commit.get("dirty"),
         "branch": commit.get("branch"),
         "command": machine.get("perfkit_command") or data.get("perfkit_command"),
@@ -118,8 +126,10 @@ def load_results(path: str | Path) -> Results:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                bad = whole_error if n == 1 else exc
-                raise ResultsError(f"{path}: line {n}: invalid JSON ({bad.msg} at column {bad.colno})") from None
+                # A first line that is not JSON on its own means one (broken) JSON document, whose parser
+                # error knows the line and column; a later line is a broken line of a JSON-lines file.
+                line_no, bad = (whole_error.lineno, whole_error) if n == 1 else (n, exc)
+                raise ResultsError(f"{path}: line {line_no}, column {bad.colno}: invalid JSON: {bad.msg}") from None
             records.append(_record(item, f"{path}: line {n}"))
         return Results(path, records)
     if isinstance(data, dict) and "benchmarks" in data:
@@ -144,17 +154,41 @@ def device_name(device: dict[str, Any]) -> str:
 
 
 def device_slug(device: dict[str, Any]) -> str:
-    """A folder name for the device: ``"nvidia-h100-80gb-hbm3"``, ``"cpu-intel-xeon-platinum-8375c"``.
+    """A folder name that tells machines apart: ``"nvidia-h100-80gb-hbm3-79gib"``, ``"cpu-amd-epyc-2c-avx2"``.
 
-    Only the hardware counts, never the driver or library versions: a regression against last month's
-    torch on the same GPU is exactly the comparison a report folder exists for.
+    A GPU is its name and memory; a CPU its model, core count and widest ISA (``perfkit.device.ISA_LEVELS``),
+    since two "AMD EPYC" virtual machines may differ in both. Only the hardware counts, never the driver or
+    library versions: a regression against last month's torch on the same machine is exactly the comparison
+    a report folder exists for. The record keeps the full identity.
     """
     name = device_name(device)
     slug = re.sub(r"\(r\)|\(tm\)|\bcpu\b|@.*$", " ", name.lower())
+    is_cpu = device.get("type") == "cpu"
+    if is_cpu:
+        slug += "".join(f" {part}" for part in (f"{device['cores']}c" if device.get("cores") else None,
+                                                 device.get("isa")) if part)
+    elif device.get("total_memory_bytes"):
+        slug += f" {round(device['total_memory_bytes'] / 2**30)}gib"
     slug = re.sub(r"[^a-z0-9.]+", "-", slug).strip("-.")
     slug = re.sub(r"-+", "-", slug) or "unknown"
-    is_cpu = device.get("type") == "cpu"
     return f"cpu-{slug}" if is_cpu and not slug.startswith("cpu") else slug
+
+
+def _complete_cpu_identity(device: dict[str, Any], machine: dict[str, Any]) -> None:
+    """Fill the CPU fields a record written before they existed lacks from pytest-benchmark's ``machine_info``.
+
+    pytest-benchmark keeps py-cpuinfo's flags, family and model, so an old run still gets its ISA (and its
+    folder name) from what was recorded on its own machine, never from the machine reading it.
+    """
+    cpu = machine.get("cpu") or {}
+    if device.get("type") != "cpu" or "isa" in device or not cpu.get("flags"):
+        return
+    from perfkit.device import cpu_isa
+
+    device["isa"] = cpu_isa(cpu["flags"])
+    device.setdefault("vendor", cpu.get("vendor_id_raw"))
+    device.setdefault("cpu_family", str(cpu["family"]) if "family" in cpu else None)
+    device.setdefault("cpu_model_id", str(cpu["model"]) if "model" in cpu else None)
 
 
 # ------------------------------------------------------------------------------------------------ cells
@@ -178,18 +212,75 @@ def merge_records(results: Iterable[Results]) -> list[Record]:
     return list(merged.values())
 
 
+FLAGS = ("noisy", "contended", "launch_bound", "throttled")
+"""Boolean record fields that make a cell's timing less trustworthy; every table marks them. ``noisy`` is the
+measurement's own; the others come from the timing and GPU measurements where a record has them."""
+PAIRED_FIELDS = ("speedup_vs_eager", "speedup_ci_low", "speedup_ci_high")
+"""Record fields of a speedup measured from eager and variant rounds interleaved in one cell, with its 95%
+interval. Where a record has them they are the cell's speedup; else the bootstrap of the ratio of medians."""
+FAST_P_THRESHOLDS = (0.0, 0.1, 0.5, 1.0)
+Z95 = 1.959964
+
+
+def _bootstrap_speedup(variant_s: Sequence[float], eager_s: Sequence[float]) -> tuple[float, float]:
+    """95% interval of median(eager)/median(variant), each cell's rounds resampled on their own."""
+    from perfkit.compare import bootstrap_ratio_ci
+
+    return bootstrap_ratio_ci(variant_s, eager_s)
+
+
+def speedup_interval(record: Record, eager: Record | None) -> tuple[float, float, float, str] | None:
+    """``(speedup, ci_low, ci_high, method)`` of ``record`` over its eager cell, or None if there is none.
+
+    method is ``paired`` (the record's own interleaved-round speedup and interval), ``bootstrap`` (the ratio of
+    the two cells' medians, its interval from their resampled rounds), ``reference`` (eager itself) or
+    ``no rounds`` (a ratio without the rounds an interval needs: the interval is empty, never a made-up one).
+    """
+    if record.status != "ok":
+        return None
+    if record.variant == REFERENCE_VARIANT:
+        return 1.0, 1.0, 1.0, "reference"
+    paired = [getattr(record, name, None) for name in PAIRED_FIELDS]
+    if all(_present(v) for v in paired):
+        return float(paired[0]), float(paired[1]), float(paired[2]), "paired"
+    if eager is None or eager.status != "ok" or not eager.step_time_median_s or not record.step_time_median_s:
+        return None
+    ratio = eager.step_time_median_s / record.step_time_median_s
+    if len(record.times_s) < 2 or len(eager.times_s) < 2:
+        return ratio, math.nan, math.nan, "no rounds"
+    low, high = _bootstrap_speedup(record.times_s, eager.times_s)
+    return ratio, low, high, "bootstrap"
+
+
+def _memory_exact(record: Record) -> bool:
+    from perfkit.compare import _exact_memory
+
+    return _exact_memory(record)
+
+
 def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
     """One row per cell, every record field but the raw rounds, plus the ratios against ``eager``.
 
-    ``speedup_vs_eager`` is eager's median step time over the cell's; ``memory_ratio_vs_eager`` the cell's
-    peak memory over eager's. Both are empty unless the cell and its eager reference are ``ok``.
+    ``speedup_vs_eager`` is the cell's speedup over eager (``speedup_interval``) with ``speedup_ci_low`` and
+    ``speedup_ci_high``, its 95% interval, and ``speedup_method``. ``memory_ratio_vs_eager`` is the cell's
+    peak memory over eager's; its interval is the point itself where the memory method repeats exactly
+    (``perfkit.compare.EXACT_MEMORY_METHODS``) and empty otherwise (one measurement has no interval). All
+    are empty unless the cell and its eager reference are ``ok``. The flag columns (``FLAGS``) are always
+    there, empty where the records do not say.
     """
+    group_of = lambda r: (device_slug(r.device), r.kind, r.block, r.mode, r.batch)  # noqa: E731
+    eager = {group_of(r): r for r in records if r.variant == REFERENCE_VARIANT and r.status == "ok"}
     rows = []
     for r in records:
         row = r.to_dict()
         del row["times_s"]
         device = row.pop("device")
         row = {"device_slug": device_slug(device), "device_name": device_name(device), **row}
+        for flag in FLAGS:
+            row[flag] = getattr(r, flag, None)
+        speedup = speedup_interval(r, eager.get(group_of(r)))
+        row["speedup_vs_eager"], row["speedup_ci_low"], row["speedup_ci_high"], row["speedup_method"] = \
+            speedup if speedup else (None, None, None, None)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -197,15 +288,32 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
     group = ["device_slug", "kind", "block", "mode", "batch"]
     reference = frame[(frame["variant"] == REFERENCE_VARIANT) & (frame["status"] == "ok")]
     memory_column = "peak_memory_bytes" if frame["peak_memory_bytes"].notna().any() else "peak_memory_rise_bytes"
-    reference = reference[group + ["step_time_median_s", memory_column]].rename(
-        columns={"step_time_median_s": "_ref_time", memory_column: "_ref_memory"}).drop_duplicates(group)
+    reference = reference[group + [memory_column]].rename(columns={memory_column: "_ref_memory"}
+                                                          ).drop_duplicates(group)
     frame = frame.merge(reference, on=group, how="left")
     ok = frame["status"] == "ok"
-    frame["speedup_vs_eager"] = (frame["_ref_time"] / frame["step_time_median_s"]).where(ok)
     frame["memory_ratio_vs_eager"] = (frame[memory_column] / frame["_ref_memory"]).where(ok)
-    frame = frame.drop(columns=["_ref_time", "_ref_memory"])
+    exact = pd.Series([_memory_exact(r) for r in records], index=frame.index)
+    frame["memory_ratio_ci_low"] = frame["memory_ratio_vs_eager"].where(exact)
+    frame["memory_ratio_ci_high"] = frame["memory_ratio_vs_eager"].where(exact)
+    frame = frame.drop(columns=["_ref_memory"])
     return frame.sort_values(["device_slug", "kind", "block", "mode", "batch", "variant"], kind="stable",
                              ignore_index=True)
+
+
+def within_noise(row: pd.Series | Any) -> bool:
+    """True when the speedup's 95% interval contains 1.0 (or there is no interval): no difference from eager."""
+    low, high = _get(row, "speedup_ci_low"), _get(row, "speedup_ci_high")
+    return not (_present(low) and _present(high)) or low <= 1.0 <= high
+
+
+def flags(row: pd.Series | Any) -> list[str]:
+    """The ``FLAGS`` a cell carries, e.g. ``["noisy", "contended"]``."""
+    return [f for f in FLAGS if _get(row, f) is True or _get(row, f) in ("True", "true", 1.0)]
+
+
+def _get(row: Any, name: str) -> Any:
+    return row.get(name) if hasattr(row, "get") else getattr(row, name, None)
 
 
 # ----------------------------------------------------------------------------------------------- format
@@ -245,15 +353,31 @@ def status_text(row: pd.Series) -> str | None:
     return f"{label}: {_cell_escape(reason, 60)}" if _present(reason) and reason else label
 
 
+def _flag_text(row: pd.Series) -> str:
+    marks = flags(row)
+    return f" ⚠ {', '.join(marks)}" if marks else ""
+
+
+def ratio_text(ratio: float, low: float | None, high: float | None) -> str:
+    """``1.34× [1.30, 1.38]``; ``no difference (0.98× [0.95, 1.01])`` when the interval contains 1.0."""
+    if not (_present(low) and _present(high)):
+        return f"{ratio:.2f}× (no interval)"
+    text = f"{ratio:.2f}× [{low:.2f}, {high:.2f}]"
+    return f"no difference ({text})" if low <= 1.0 <= high else text
+
+
 def _speedup_text(row: pd.Series) -> str:
     status = status_text(row)
     if status:
         return status
     throughput = f"{_count(row['samples_per_s'])}/s" if _present(row.get("samples_per_s")) else "no throughput"
-    noisy = " (noisy)" if row.get("noisy") is True else ""
+    marks = _flag_text(row)
     if not _present(row.get("speedup_vs_eager")):
-        return f"{throughput}, no eager reference{noisy}"
-    return f"**{row['speedup_vs_eager']:.2f}×** · {throughput}{noisy}"
+        return f"{throughput}, no eager reference{marks}"
+    if row.get("speedup_method") == "reference":
+        return f"reference · {throughput}{marks}"
+    text = ratio_text(row["speedup_vs_eager"], row.get("speedup_ci_low"), row.get("speedup_ci_high"))
+    return (text if within_noise(row) else f"**{text}**") + f" · {throughput}{marks}"
 
 
 def _memory_text(row: pd.Series, memory_column: str) -> str:
@@ -263,7 +387,15 @@ def _memory_text(row: pd.Series, memory_column: str) -> str:
     if not _present(row.get(memory_column)):
         return "—"
     ratio = row.get("memory_ratio_vs_eager")
-    return f"{ratio:.2f}× · {_mib(row[memory_column])}" if _present(ratio) else _mib(row[memory_column])
+    if not _present(ratio):
+        return _mib(row[memory_column])
+    if row["variant"] == REFERENCE_VARIANT:
+        return f"reference · {_mib(row[memory_column])}"
+    if _present(row.get("memory_ratio_ci_low")):
+        text = "no difference (exact)" if ratio == 1.0 else f"{ratio:.2f}× (exact)"
+    else:
+        text = f"{ratio:.2f}× (one measurement, no interval)"
+    return f"{text} · {_mib(row[memory_column])}"
 
 
 def _error_text(row: pd.Series) -> str:
@@ -309,16 +441,110 @@ def _table(frame: pd.DataFrame, text) -> list[str]:
     return lines
 
 
-def best_variants(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per block, mode and batch, the ``ok`` cell with the highest speedup over eager (eager itself if none).
+def atoms(variant: str) -> int:
+    """How many optimizations a variant composes: 0 for eager, 2 for ``channels_last+bf16``."""
+    return 0 if variant == REFERENCE_VARIANT else variant.count("+") + 1
 
-    Failed, OOM, erroring and skipped cells never qualify, however fast they ran.
+
+def best_variants(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per block, mode and batch, the variant to use: eager unless some ``ok`` cell is faster beyond noise.
+
+    Among the cells whose speedup interval lies wholly above 1.0, those whose interval reaches the fastest
+    one's lower bound are within noise of it; of these the simplest (fewest atoms) wins, then the faster.
+    Failed, OOM, erroring and skipped cells never qualify, however fast they ran. Where no variant beats
+    eager beyond noise, the row is eager's.
     """
     ok = frame[(frame["status"] == "ok") & frame["speedup_vs_eager"].notna()]
     if ok.empty:
         return ok
-    best = ok.loc[ok.groupby(["device_slug", "kind", "block", "mode", "batch"])["speedup_vs_eager"].idxmax()]
-    return best.sort_values(["device_slug", "kind", "block", "mode", "batch"], ignore_index=True)
+    chosen = []
+    for _, cells in ok.groupby(["device_slug", "kind", "block", "mode", "batch"], sort=True):
+        faster = cells[(cells["variant"] != REFERENCE_VARIANT) & (cells["speedup_ci_low"] > 1.0)]
+        if faster.empty:
+            reference = cells[cells["variant"] == REFERENCE_VARIANT]
+            chosen.append((reference if not reference.empty else cells.nlargest(1, "speedup_vs_eager")).index[0])
+            continue
+        top = faster.loc[faster["speedup_vs_eager"].idxmax()]
+        tied = faster[faster["speedup_ci_high"] >= top["speedup_ci_low"]]
+        order = tied.assign(_atoms=tied["variant"].map(atoms)).sort_values(
+            ["_atoms", "speedup_vs_eager"], ascending=[True, False], kind="stable")
+        chosen.append(order.index[0])
+    return ok.loc[chosen].sort_values(["device_slug", "kind", "block", "mode", "batch"], ignore_index=True)
+
+
+def fast_p(frame: pd.DataFrame, thresholds: Sequence[float] = FAST_P_THRESHOLDS) -> dict[str, Any]:
+    """KernelBench's fast_p over one device's (block, mode, batch) pairs with an ``ok`` eager cell.
+
+    ``fast[p]`` is the fraction of pairs where some other variant is correct and faster than eager by more
+    than ``p`` with 95% confidence (its speedup interval's lower bound above ``1 + p``): a speedup within
+    noise does not count. Returns ``{"pairs": n, "fast": {p: fraction}}``.
+    """
+    blocks = frame[frame["kind"] != "kernel"]
+    reference = blocks[(blocks["variant"] == REFERENCE_VARIANT) & (blocks["status"] == "ok")]
+    keys = ["device_slug", "block", "mode", "batch"]
+    pairs = reference[keys].drop_duplicates()
+    others = blocks[(blocks["variant"] != REFERENCE_VARIANT) & (blocks["status"] == "ok")]
+    lower = others.groupby(keys)["speedup_ci_low"].max()
+    best_low = [lower.get(tuple(p), math.nan) for p in pairs.itertuples(index=False, name=None)]
+    n = len(pairs)
+    return {"pairs": n, "fast": {p: (sum(1 for x in best_low if _present(x) and x > 1 + p) / n if n else math.nan)
+                                 for p in thresholds}}
+
+
+def geomean_speedups(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per variant and mode: geometric-mean speedup over eager across blocks, with a 95% interval.
+
+    Each cell's log-speedup carries the standard error its own interval implies ((log high − log low) /
+    2·1.96); the mean of n of them has the root of their summed squares over n. The interval is thus the
+    measurement noise of these blocks, not a claim about blocks not measured. Cells without an interval
+    are left out and counted. Columns: mode, variant, cells, correct, with_interval, geomean, ci_low, ci_high.
+    """
+    blocks = frame[(frame["kind"] != "kernel") & (frame["variant"] != REFERENCE_VARIANT)]
+    rows = []
+    for (mode, variant), cells in blocks.groupby(["mode", "variant"], sort=True):
+        timed = cells[(cells["status"] == "ok") & cells["speedup_vs_eager"].notna()]
+        correct = int((cells["status"] == "ok").sum())
+        usable = timed[timed["speedup_ci_low"].notna() & (timed["speedup_ci_low"] > 0)]
+        row = {"mode": mode, "variant": variant, "cells": len(cells) - int((cells["status"] == "skipped").sum()),
+               "correct": correct, "with_interval": len(usable), "geomean": math.nan, "ci_low": math.nan,
+               "ci_high": math.nan}
+        if len(usable):
+            logs = [math.log(v) for v in usable["speedup_vs_eager"]]
+            errors = [(math.log(h) - math.log(lo)) / (2 * Z95)
+                      for lo, h in zip(usable["speedup_ci_low"], usable["speedup_ci_high"], strict=True)]
+            mean = sum(logs) / len(logs)
+            half = Z95 * math.sqrt(sum(e * e for e in errors)) / len(errors)
+            row.update(geomean=math.exp(mean), ci_low=math.exp(mean - half), ci_high=math.exp(mean + half))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["mode", "variant", "cells", "correct", "with_interval", "geomean", "ci_low",
+                                       "ci_high"])
+
+
+def summary_lines(frame: pd.DataFrame) -> list[str]:
+    """The device README's opening summary: fast_p per mode and every variant's geometric-mean speedup."""
+    heads = " | ".join(f"fast_{p:g}" for p in FAST_P_THRESHOLDS)
+    lines = ["## Summary", "",
+             "fast_p: the fraction of (block, mode, batch) pairs where some variant is correct and faster than "
+             "eager by more than p, the whole 95% interval beyond it (KernelBench's fast_p, with noise "
+             "excluded).", "", f"| mode | pairs | {heads} |", "|---|---:|" + "---:|" * len(FAST_P_THRESHOLDS)]
+    for mode in _modes(frame):
+        summary = fast_p(frame[frame["mode"] == mode])
+        values = " | ".join(f"{summary['fast'][p]:.0%}" if _present(summary["fast"][p]) else "—"
+                            for p in FAST_P_THRESHOLDS)
+        lines.append(f"| {mode} | {summary['pairs']} | {values} |")
+    means = geomean_speedups(frame)
+    lines += ["", "Geometric-mean speedup over eager per variant, across the blocks where it is correct, with its "
+              "95% interval (from each cell's own interval).", "",
+              "| mode | variant | correct / run | geomean speedup |", "|---|---|---:|---|"]
+    for r in means.itertuples(index=False):
+        text = ratio_text(r.geomean, r.ci_low, r.ci_high) if _present(r.geomean) else "—"
+        lines.append(f"| {r.mode} | `{r.variant}` | {r.correct} / {r.cells} | {text} |")
+    return [*lines, ""]
+
+
+def _modes(frame: pd.DataFrame) -> list[str]:
+    present = set(frame["mode"])
+    return [m for m in MODES if m in present] + sorted(present - set(MODES))
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -327,11 +553,13 @@ def _plot_speedup_heatmap(frame: pd.DataFrame, mode: str, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
 
     variants = _ordered_variants(frame)
     rows = _block_rows(frame)
     values = np.full((len(rows), len(variants)), np.nan)
     labels = [["" for _ in variants] for _ in rows]
+    muted = [[False for _ in variants] for _ in rows]
     by_cell = {(r.block, r.batch, r.variant): r for r in frame.itertuples(index=False)}
     short = {"failed": "FAIL", "oom": "OOM", "error": "ERR", "skipped": "skip"}
     for i, (block, batch) in enumerate(rows):
@@ -343,18 +571,24 @@ def _plot_speedup_heatmap(frame: pd.DataFrame, mode: str, path: Path) -> None:
                 labels[i][j] = short[r.status]
             elif _present(r.speedup_vs_eager):
                 values[i, j] = r.speedup_vs_eager
-                labels[i][j] = f"{r.speedup_vs_eager:.2f}"
+                labels[i][j] = f"{r.speedup_vs_eager:.2f}" + ("*" if flags(r) else "")
+                muted[i][j] = variant != REFERENCE_VARIANT and within_noise(r)
     finite = values[np.isfinite(values)]
     spread = max(abs(np.log2(finite)).max(), 0.1) if finite.size else 1.0
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(variants), 1.0 + 0.45 * len(rows)))
     image = ax.imshow(np.log2(values), cmap="RdYlGn", norm=TwoSlopeNorm(0.0, -spread, spread), aspect="auto")
     for i in range(len(rows)):
         for j in range(len(variants)):
+            if muted[i][j]:
+                # Within noise: grey and hatched over its colour, so it never reads as a win or a loss.
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.5", hatch="///",
+                                       lw=0))
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     batches = frame.groupby("block")["batch"].nunique()
     ax.set_yticks(range(len(rows)), [_row_label(b, n, batches[b]).replace("`", "") for b, n in rows])
-    ax.set_title(f"{mode}: speedup over eager (median step time)")
+    ax.set_title(f"{mode}: speedup over eager (median step time)\nhatched: 95% interval contains 1.0; "
+                 "*: noisy, contended, launch-bound or throttled", fontsize=9)
     fig.colorbar(image, ax=ax, label="log2 speedup")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -534,6 +768,7 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
              f"{len(frame)} cells: " + ", ".join(f"{n} {s}" for s, n in frame["status"].value_counts().sort_index()
                                                   .items()) + ". Raw cells: [summary.csv](summary.csv)"
              + "".join(f", [{name}]({name})" for name in kept) + ".", ""]
+    lines += summary_lines(frame)
     lines += _run_lines(results, records)
     lines += _device_lines(device)
     blocks = frame[frame["kind"] != "kernel"]
@@ -544,11 +779,16 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
         _plot_speedup_heatmap(cells, mode, device_dir / heatmap)
         lines += [f"## {mode.capitalize()}", "",
                   "### Speedup over eager", "",
-                  "Eager's median step time over the variant's, then the variant's throughput. Cells that "
-                  "failed the correctness gate, ran out of memory, raised or were skipped say so instead.", ""]
+                  "Eager's median step time over the variant's with its 95% interval (from interleaved paired "
+                  "rounds where the cell has them, else the bootstrap of the ratio of medians), then the "
+                  "variant's throughput. An interval containing 1.0 reads *no difference*; ⚠ marks noisy, "
+                  "contended, launch-bound or throttled cells. Cells that failed the correctness gate, ran out "
+                  "of memory, raised or were skipped say so instead.", ""]
         lines += _table(cells, _speedup_text)
         lines += ["", f"![{mode} speedup heatmap]({heatmap})", "", "### Peak memory against eager", "",
-                  f"`{memory_column}` ({', '.join(methods) or 'method not recorded'}), as a ratio to eager's.", ""]
+                  f"`{memory_column}` ({', '.join(methods) or 'method not recorded'}), as a ratio to eager's. "
+                  "A method that repeats exactly for the same code gives an exact ratio; any other is one "
+                  "measurement, and says it has no interval.", ""]
         lines += _table(cells, lambda r: _memory_text(r, memory_column))
         if cells[memory_column].notna().any():
             bars = f"memory-{mode}.png"
@@ -558,12 +798,17 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
                   "Relative error ‖out − ref‖/‖ref‖ against the float64 reference (outputs, and gradients in "
                   "training), against the dtype's tolerance.", ""]
         lines += _table(cells, _error_text)
-        lines += ["", "### Best variant per block", "", "| block | batch | best | speedup | throughput |",
-                  "|---|---:|---|---:|---:|"]
+        lines += ["", "### Best variant per block", "",
+                  "The fastest variant beyond noise; among variants within noise of it, the simplest (fewest "
+                  "atoms). Eager where none is faster with 95% confidence.", "",
+                  "| block | batch | best | speedup | throughput |", "|---|---:|---|---|---:|"]
         for _, r in best[best["mode"] == mode].iterrows():
-            name = f"`{r['variant']}`" + (" (no variant beats eager)" if r["variant"] == REFERENCE_VARIANT else "")
+            name = f"`{r['variant']}`" + (" (no variant beats eager beyond noise)"
+                                          if r["variant"] == REFERENCE_VARIANT else "")
             throughput = f"{_count(r['samples_per_s'])}/s" if _present(r.get("samples_per_s")) else "—"
-            lines.append(f"| `{r['block']}` | {r['batch']} | {name} | {r['speedup_vs_eager']:.2f}× | {throughput} |")
+            speedup = "—" if r["variant"] == REFERENCE_VARIANT else ratio_text(
+                r["speedup_vs_eager"], r.get("speedup_ci_low"), r.get("speedup_ci_high"))
+            lines.append(f"| `{r['block']}` | {r['batch']} | {name} | {speedup}{_flag_text(r)} | {throughput} |")
         lines.append("")
     kernels = frame[frame["kind"] == "kernel"]
     if not kernels.empty:
@@ -575,28 +820,41 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
 
 
 def write_index(out_dir: Path) -> Path:
-    """``out_dir/README.md``: the best speedup per block on every device that has a folder in ``out_dir``."""
+    """``out_dir/README.md``: per device its fast_p line, and the best variant per block on every device."""
     frames = []
     for summary in sorted(out_dir.glob("*/summary.csv")):
         frames.append(pd.read_csv(summary))
     lines = ["# perfkit reports", "",
-             "Best variant per block and device: the highest speedup over eager among the cells that passed "
-             "the correctness gate. Each device's folder has the full tables, plots and raw cells.", ""]
+             "Per device, fast_p: the fraction of (block, mode, batch) pairs where some variant is correct and "
+             "faster than eager by more than p, its whole 95% interval beyond (KernelBench's fast_p, noise "
+             "excluded). Then the best variant per block: the fastest beyond noise, the simplest among those "
+             "within noise of it, eager where none is faster with 95% confidence. ⚠ marks noisy, contended, "
+             "launch-bound or throttled cells. Each device's folder has the full tables, plots and raw cells.", ""]
     if not frames:
         (out_dir / "README.md").write_text("\n".join([*lines, "No device reports yet.", ""]))
         return out_dir / "README.md"
     frame = pd.concat(frames, ignore_index=True)
     devices = sorted(set(frame["device_slug"]))
     names = frame.drop_duplicates("device_slug").set_index("device_slug")["device_name"]
-    lines += ["| device | folder |", "|---|---|"]
-    lines += [f"| {names[d]} | [{d}/]({d}/README.md) |" for d in devices]
+    heads = " | ".join(f"fast_{p:g}" for p in FAST_P_THRESHOLDS)
+    lines += [f"| device | folder | mode | pairs | {heads} |",
+              "|---|---|---|---:|" + "---:|" * len(FAST_P_THRESHOLDS)]
+    for d in devices:
+        cells = frame[frame["device_slug"] == d]
+        for mode in _modes(cells[cells["kind"] != "kernel"]):
+            summary = fast_p(cells[cells["mode"] == mode])
+            values = " | ".join(f"{summary['fast'][p]:.0%}" if _present(summary["fast"][p]) else "—"
+                                for p in FAST_P_THRESHOLDS)
+            lines.append(f"| {names[d]} | [{d}/]({d}/README.md) | {mode} | {summary['pairs']} | {values} |")
     lines.append("")
     best = best_variants(frame[frame["kind"] != "kernel"])
-    for mode in [m for m in MODES if m in set(frame["mode"])] + sorted(set(frame["mode"]) - set(MODES)):
+    for mode in _modes(frame):
+        blocks = sorted(set(frame[(frame["mode"] == mode) & (frame["kind"] != "kernel")]["block"]))
+        if not blocks:
+            continue
         lines += [f"## {mode.capitalize()}", "", "| block | " + " | ".join(f"`{d}`" for d in devices) + " |",
                   "|---|" + "---|" * len(devices)]
         mode_best = best[best["mode"] == mode] if not best.empty else best
-        blocks = sorted(set(frame[(frame["mode"] == mode) & (frame["kind"] != "kernel")]["block"]))
         for block in blocks:
             cells = []
             for device in devices:
@@ -606,26 +864,69 @@ def write_index(out_dir: Path) -> Path:
                     cells.append("—")
                     continue
                 r = rows.loc[rows["speedup_vs_eager"].idxmax()]
-                cells.append(f"{r['speedup_vs_eager']:.2f}× `{r['variant']}` (batch {r['batch']})")
+                if r["variant"] == REFERENCE_VARIANT:
+                    text = "`eager` (no variant faster beyond noise)"
+                else:
+                    text = f"{ratio_text(r['speedup_vs_eager'], r['speedup_ci_low'], r['speedup_ci_high'])} " \
+                           f"`{r['variant']}`"
+                cells.append(f"{text} (batch {r['batch']}){_flag_text(r)}")
             lines.append(f"| `{block}` | " + " | ".join(cells) + " |")
         lines.append("")
     (out_dir / "README.md").write_text("\n".join(lines))
     return out_dir / "README.md"
 
 
-def build_reports(paths: Sequence[str | Path], out_dir: str | Path, copy_gbps: float | None = None) -> list[Path]:
-    """Read ``paths``, write one report folder per device and the index; returns the device folders."""
+def compare_with_baseline(slug: str, records: Sequence[Record], baseline_dir: Path,
+                          threshold: float = 0.05) -> str | None:
+    """``perfkit compare``'s text for ``records`` against the committed report of the same device folder.
+
+    None where ``baseline_dir/slug`` holds no results JSON (no committed report for this device yet).
+    """
+    from perfkit.compare import CompareError, compare_records, render
+
+    folder = baseline_dir / slug
+    candidates = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    candidates = [c for c in candidates if c.name != CEILINGS_FILE]
+    if not candidates:
+        return None
+    base = merge_records(load_results(c) for c in candidates)
+    try:
+        comparison = compare_records(base, list(records), threshold=threshold,
+                                     base_path=", ".join(map(str, candidates)), new_path="this run")
+    except CompareError as exc:
+        return f"No comparison with the committed report: {exc}\n"
+    return render(comparison, "text")
+
+
+def build_reports(paths: Sequence[str | Path], out_dir: str | Path, copy_gbps: float | None = None,
+                  baseline_dir: str | Path | None = None) -> list[Path]:
+    """Read ``paths``, write one report folder per device and the index; returns the device folders.
+
+    With ``baseline_dir`` (the committed ``reports/``), each device whose folder there holds a results JSON is
+    compared with it: the text goes to the device folder's ``compare.md`` and is printed.
+    """
     results = [load_results(p) for p in paths]
     records = merge_records(results)
     if not records:
         raise ResultsError(f"no benchmark cells in {', '.join(map(str, paths))}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    same = baseline_dir is not None and Path(baseline_dir).resolve() == out_dir.resolve()
     frame = summary_frame(records)
     written = []
     for slug, cells in frame.groupby("device_slug", sort=True):
         device_records = [r for r in records if device_slug(r.device) == slug]
-        written.append(write_device_report(slug, cells.reset_index(drop=True), results, device_records, out_dir,
-                                           copy_gbps))
+        # Read before writing: the output folder may be the baseline's own when publishing.
+        text = None if baseline_dir is None or same else compare_with_baseline(slug, device_records,
+                                                                                Path(baseline_dir))
+        folder = write_device_report(slug, cells.reset_index(drop=True), results, device_records, out_dir,
+                                     copy_gbps)
+        if text is None and baseline_dir is not None and not same:
+            print(f"{slug}: no committed report in {baseline_dir}/{slug}/ to compare with "
+                  "(`make publish` makes this run the baseline)")
+        elif text is not None:
+            (folder / "compare.md").write_text("```\n" + text + "```\n")
+            print(f"{slug}: against the committed report in {baseline_dir}/{slug}/\n{text}")
+        written.append(folder)
     write_index(out_dir)
     return written
