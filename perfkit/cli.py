@@ -99,6 +99,32 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_compare)
 
 
+def _cmd_history(args: argparse.Namespace) -> int:
+    from perfkit.compare import parse_threshold
+    from perfkit.history import run_history
+
+    status, text = run_history(args.storage, device=args.device, cells=args.cells,
+                               threshold=parse_threshold(args.threshold), out_dir=args.output)
+    print(text, file=sys.stderr if status == 2 else sys.stdout, end="" if text.endswith("\n") else "\n")
+    return status
+
+
+def _add_history(sub: argparse._SubParsersAction) -> None:
+    from perfkit.history import DEFAULT_STORAGE
+
+    p = sub.add_parser("history", help="each cell's median over stored runs by commit: steps, drift, plots; "
+                       "exit 1 when the latest run sits on a regression step")
+    p.add_argument("storage", nargs="*", default=[DEFAULT_STORAGE], help="pytest-benchmark storage folders "
+                   f"(--benchmark-storage) or run JSON files (default: {DEFAULT_STORAGE})")
+    p.add_argument("--device", default="*", help="glob over device folder names, e.g. 'cpu-*' (default: all)")
+    p.add_argument("--cells", default="*", help="glob over cells block/variant/mode/dtype/bN, e.g. "
+                   "'basic/*/training/*' (default: all)")
+    p.add_argument("--threshold", default="5%", help="slowdown of a step that fails the gate (default: 5%%)")
+    p.add_argument("-o", "--output", default="out/history", help="folder for the PNGs, one per device, block "
+                   "and mode (default: out/history)")
+    p.set_defaults(func=_cmd_history)
+
+
 def _cmd_baseline(args: argparse.Namespace) -> int:
     from perfkit.compare import BASELINE_PATH, check_baseline, write_baseline
 
@@ -157,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(sub)
     _add_report(sub)
     _add_compare(sub)
+    _add_history(sub)
     _add_baseline(sub)
     _add_profile(sub)
     return parser
