@@ -816,7 +816,117 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
         _plot_roofline(kernels, ceilings, device_dir / "roofline.png")
         lines += ["![kernels against the roofline](roofline.png)", ""]
     (device_dir / "README.md").write_text("\n".join(lines))
+    (device_dir / "index.html").write_text(markdown_to_html(lines, f"perfkit report: {device_name(device)}",
+                                                            device_dir))
     return device_dir
+
+
+HTML_SCRIPT = r"""
+function cellValue(td) {
+  const text = td.textContent.trim();
+  const number = text.match(/^(reference|no difference \()?\s*([-+]?[0-9]*\.?[0-9]+(e[-+]?[0-9]+)?)/i);
+  if (text.startsWith("reference")) return 1.0;
+  return number && number[2] !== undefined ? parseFloat(number[2]) : text.toLowerCase();
+}
+function sortTable(table, column, descending) {
+  const body = table.tBodies[0];
+  const rows = Array.from(body.rows);
+  rows.sort((a, b) => {
+    const x = cellValue(a.cells[column]), y = cellValue(b.cells[column]);
+    // Numbers before text ("—", statuses) whichever the direction, so cells without a value stay last.
+    if (typeof x !== typeof y) return typeof x === "number" ? -1 : 1;
+    const order = x < y ? -1 : x > y ? 1 : 0;
+    return descending ? -order : order;
+  });
+  rows.forEach(row => body.appendChild(row));
+  table.dataset.sortedBy = column + (descending ? ",desc" : ",asc");
+}
+document.querySelectorAll("table.sortable").forEach(table => {
+  Array.from(table.tHead.rows[0].cells).forEach((th, column) => {
+    th.title = "click to sort";
+    th.addEventListener("click", () => sortTable(table, column, table.dataset.sortedBy === column + ",asc"));
+  });
+});
+// index.html#sort=TABLE,COLUMN[,desc] opens with that table sorted (a link can share a view).
+const wanted = location.hash.match(/^#sort=(\d+),(\d+)(,desc)?$/);
+const target = wanted && document.querySelectorAll("table.sortable")[+wanted[1]];
+if (target && +wanted[2] < target.tHead.rows[0].cells.length) sortTable(target, +wanted[2], !!wanted[3]);
+document.body.dataset.ready = "1";
+"""
+HTML_STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; cursor: pointer; }
+code { background: #f6f6f6; padding: 0 3px; }
+img { max-width: 100%; }
+"""
+
+
+def _inline_html(text: str, folder: Path) -> str:
+    """The inline markdown this module writes (code, bold, emphasis, links, images) as escaped HTML."""
+    import base64
+    import html
+
+    out = html.escape(text, quote=False)
+
+    def image(match: re.Match) -> str:
+        path = folder / match.group(2)
+        if not path.exists():
+            return html.escape(match.group(1))
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<img alt="{match.group(1)}" src="data:image/png;base64,{data}">'
+
+    out = re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", image, out)
+    out = re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>', out)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+    return re.sub(r"(?<![*\w])\*([^*]+)\*(?![*\w])", r"<i>\1</i>", out)
+
+
+def markdown_to_html(lines: Sequence[str], title: str, folder: Path) -> str:
+    """A self-contained page from the README this module wrote: headings, paragraphs, lists, tables (sortable by
+    clicking a header) and the plots embedded as data URIs, so the one file can be mailed or archived."""
+    import html
+
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def split_row(line: str) -> list[str]:
+        cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+        return [c.strip().replace("\\|", "|") for c in cells]
+
+    def flush_table() -> None:
+        if not table:
+            return
+        head, rows = table[0], table[2:]
+        body.append('<table class="sortable"><thead><tr>' + "".join(f"<th>{_inline_html(c, folder)}</th>"
+                                                                      for c in head) + "</tr></thead><tbody>")
+        body.extend("<tr>" + "".join(f"<td>{_inline_html(c, folder)}</td>" for c in row) + "</tr>" for row in rows)
+        body.append("</tbody></table>")
+        table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(split_row(line))
+            continue
+        flush_table()
+        if not line.strip():
+            continue
+        heading = re.match(r"^(#{1,6}) (.*)$", line)
+        if heading:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline_html(heading.group(2), folder)}</h{level}>")
+        elif line.lstrip().startswith("- "):
+            body.append(f"<ul><li>{_inline_html(line.lstrip()[2:], folder)}</li></ul>")
+        elif line.startswith("```"):
+            continue
+        else:
+            body.append(f"<p>{_inline_html(line, folder)}</p>")
+    flush_table()
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{HTML_STYLE}</style></head><body>\n" + "\n".join(body)
+            + f"\n<script>{HTML_SCRIPT}</script>\n</body></html>\n")
 
 
 def write_index(out_dir: Path) -> Path:

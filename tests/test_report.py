@@ -7,8 +7,11 @@ import csv
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -64,7 +67,7 @@ def test_report_from_the_real_run(run, tmp_path):
     folder = tmp_path / device_slug(device)
     assert folder.name.startswith("cpu-")
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["README.md", bench.name, "memory-inference.png", "memory-training.png",
+    assert names == ["README.md", bench.name, "index.html", "memory-inference.png", "memory-training.png",
                      "speedup-inference.png", "speedup-training.png", "summary.csv"]
     # The run's own JSON is kept beside its report: the baseline `perfkit compare` reads next time.
     assert (folder / bench.name).read_bytes() == bench.read_bytes()
@@ -142,3 +145,85 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "lines.jsonl: line 3, column 12: invalid JSON: Expecting value" in capsys.readouterr().err
     assert report(tmp_path / "missing.json", "-o", tmp_path / "out") == 2
     assert "missing.json: cannot read" in capsys.readouterr().err
+
+
+def _render_in_chromium(url: str) -> str:
+    """The DOM of ``url`` after its scripts ran, from headless Chromium (Debian's package or Playwright's)."""
+    binary = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                   if shutil.which(name)), None)
+    if binary:
+        result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("no Chromium: neither a chromium/google-chrome binary on PATH nor Playwright "
+                    "(apt-get install chromium, or pip install playwright && playwright install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch()
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        dom = page.content()
+        browser.close()
+    return dom
+
+
+class _Tables(HTMLParser):
+    """Every table of a page as rows of cell texts, with the attributes of each <table> and of <body>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[tuple[dict, list[list[str]]]] = []
+        self.body: dict = {}
+        self.images: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append((dict(attrs), []))
+        elif tag == "tr":
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "body":
+            self.body = dict(attrs)
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_html_view_renders_sortable_tables_in_chromium(run, tmp_path):
+    assert report(run[0], "-o", tmp_path, "--no-compare") == 0
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    readme = (folder / "README.md").read_text()
+    # Table 1 is the geometric-mean speedup table; sort it by its last column, descending.
+    dom = _render_in_chromium((folder / "index.html").as_uri() + "#sort=1,3,desc")
+    page = _Tables()
+    page.feed(dom)
+    assert page.body.get("data-ready") == "1", "the page's script did not run"
+    assert len(page.tables) == sum(1 for line in readme.splitlines() if line.startswith("|---"))
+    attrs, rows = page.tables[1]
+    assert rows[0] == ["mode", "variant", "correct / run", "geomean speedup"]
+    assert attrs.get("data-sorted-by") == "3,desc"
+    # channels_last in both modes has a geomean; fp16 (skipped on the CPU) has none and sorts after them.
+    speedups = [float(re.search(r"([0-9.]+)×", r[3]).group(1)) for r in rows[1:3]]
+    assert speedups == sorted(speedups, reverse=True) and {r[1] for r in rows[1:3]} == {"channels_last"}
+    assert [r[3] for r in rows[3:]] == ["—", "—"]
+    # The rendered speedup table holds the README's cells.
+    speedup_rows = next(rows for _, rows in page.tables if rows[0][:3] == ["block", "batch", "eager"])
+    assert speedup_rows[1][0] == "basic" and speedup_rows[1][2].startswith("reference · ")
+    assert any(r.startswith("| `basic` | 8 | reference · ") for r in readme.splitlines())
+    # Self-contained: every plot is embedded, none is linked.
+    assert len(page.images) == len(list(folder.glob("*.png"))) and all(
+        src.startswith("data:image/png;base64,") for src in page.images)
