@@ -618,45 +618,117 @@ def _plot_memory_bars(frame: pd.DataFrame, mode: str, memory_column: str, path: 
     plt.close(fig)
 
 
-def _plot_roofline(kernels: pd.DataFrame, ceilings: dict[str, float], path: Path) -> None:
-    """Left: kernels with a FLOP count on the roofline; right: every kernel's achieved GB/s against copy."""
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per element of a cell's compute dtype: the fewest its tensors can be stored in, for the lower bound."""
+
+
+def bytes_moved_lower_bound(row: pd.Series | Any) -> float | None:
+    """The fewest bytes a block's step can move: its weights and its input read once each (training: weights
+    read in forward and backward and their gradients written, input read twice), in its compute dtype.
+
+    A cell's own ``bytes_per_step`` (a kernel's exact count) comes first. The bound ignores activations
+    and outputs, so it overstates the arithmetic intensity: a block placed right of the ridge by it may
+    still be memory-bound, never the reverse.
+    """
+    if _present(_get(row, "bytes_per_step")):
+        return float(_get(row, "bytes_per_step"))
+    params, shape = _get(row, "params"), _get(row, "input_shape")
+    if isinstance(shape, str):
+        shape = json.loads(shape) if shape.startswith("[") else None
+    if not _present(params) or not shape:
+        return None
+    size = ELEMENT_BYTES.get(_get(row, "dtype"), 4)
+    training = _get(row, "mode") == "training"
+    return size * (params * (3 if training else 1) + math.prod(shape) * (2 if training else 1))
+
+
+def _peak_tflops(ceilings: dict[str, float], dtype: str) -> float | None:
+    key = {"bfloat16": "bf16_tflops", "float16": "fp16_tflops", "float32": "fp32_tflops"}.get(dtype)
+    return ceilings.get(key) if key else None
+
+
+def roofline_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(blocks, kernels)`` ready to plot: ok block cells with a FLOP count, their ``intensity`` (FLOP/byte,
+    from ``bytes_moved_lower_bound``) and ``tflops``; ok kernel cells with the bytes they move and ``gbps``."""
+    ok = frame[(frame["status"] == "ok") & frame["step_time_median_s"].notna()]
+    blocks = ok[(ok["kind"] != "kernel") & (ok["flops_per_step"].fillna(0) > 0)].copy()
+    blocks["bytes_moved"] = [bytes_moved_lower_bound(r) for _, r in blocks.iterrows()]
+    blocks = blocks[blocks["bytes_moved"].notna()]
+    blocks["intensity"] = blocks["flops_per_step"] / blocks["bytes_moved"].astype(float)
+    blocks["tflops"] = blocks["flops_per_step"] / blocks["step_time_median_s"] / 1e12
+    kernels = ok[(ok["kind"] == "kernel") & ok["bytes_per_step"].notna()].copy()
+    kernels["gbps"] = kernels["bytes_per_step"] / kernels["step_time_median_s"] / 1e9
+    return blocks.reset_index(drop=True), kernels.reset_index(drop=True)
+
+
+def _plot_roofline(blocks: pd.DataFrame, kernels: pd.DataFrame, ceilings: dict[str, float], path: Path) -> None:
+    """Blocks by arithmetic intensity against the measured ceilings; kernels' GB/s against copy bandwidth.
+    A panel is drawn only where it has points; a ceiling only where one was measured."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
-    ok = kernels[(kernels["status"] == "ok") & kernels["bytes_per_step"].notna()
-                 & kernels["step_time_median_s"].notna()].reset_index(drop=True)
-    labels = (ok["block"] + " " + ok["variant"] + " " + ok["mode"]).tolist()
-    gbps = (ok["bytes_per_step"] / ok["step_time_median_s"] / 1e9).to_numpy()
-    copy, peak = ceilings.get("copy_gb_per_s"), ceilings.get("bf16_tflops")
-    fig, (roof_ax, bw_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    counted = ok["flops_per_step"].fillna(0) > 0
-    intensity = (ok["flops_per_step"] / ok["bytes_per_step"])[counted].to_numpy(dtype=float)
-    tflops = (ok["flops_per_step"] / ok["step_time_median_s"] / 1e12)[counted].to_numpy(dtype=float)
-    counted_labels = [label for label, c in zip(labels, counted, strict=True) if c]
-    for label, x, y in zip(counted_labels, intensity, tflops, strict=True):
-        roof_ax.scatter(x, y, s=25)
-        roof_ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if copy:
-        xs = np.logspace(-2, 3, 200)
-        roof = np.minimum(xs * copy / 1e3, peak) if peak else xs * copy / 1e3
-        roof_ax.plot(xs, roof, "k-", lw=1,
-                     label=f"copy {copy:.0f} GB/s" + (f", bf16 {peak:.0f} TFLOP/s" if peak else ""))
-        roof_ax.legend(fontsize=8)
-    roof_ax.set_xscale("log")
-    roof_ax.set_yscale("log")
-    roof_ax.set_xlabel("arithmetic intensity (FLOP/byte)")
-    roof_ax.set_ylabel("achieved TFLOP/s")
-    roof_ax.set_title("roofline (kernels with a FLOP count)")
-    bw_ax.barh(range(len(labels)), gbps)
-    bw_ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    if copy:
-        bw_ax.axvline(copy, color="k", lw=1, label=f"copy {copy:.0f} GB/s")
-        bw_ax.legend(fontsize=8)
-    bw_ax.set_xlabel("achieved GB/s")
-    bw_ax.set_title("bandwidth")
+    panels = [p for p, data in (("roof", blocks), ("bandwidth", kernels)) if not data.empty]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), squeeze=False)
+    axes = dict(zip(panels, axes[0], strict=True))
+    copy = ceilings.get("copy_gb_per_s")
+    if "roof" in axes:
+        ax = axes["roof"]
+        modes = {"inference": "o", "training": "^"}
+        for i, (variant, cells) in enumerate(blocks.groupby("variant", sort=True)):
+            for mode, mode_cells in cells.groupby("mode"):
+                ax.scatter(mode_cells["intensity"], mode_cells["tflops"], s=22, marker=modes.get(mode, "s"),
+                           color=f"C{i % 10}", label=f"{variant} {mode}")
+        for _, r in blocks[blocks["variant"] == REFERENCE_VARIANT].iterrows():
+            ax.annotate(r["block"], (r["intensity"], r["tflops"]), fontsize=6, xytext=(3, 2),
+                        textcoords="offset points")
+        xs = np.logspace(np.log10(blocks["intensity"].min() / 3), np.log10(blocks["intensity"].max() * 3), 200)
+        for style, dtype in zip(("-", "--", ":", "-."), sorted(set(blocks["dtype"])), strict=False):
+            peak = _peak_tflops(ceilings, dtype)
+            if copy or peak:
+                roof = np.minimum(xs * copy / 1e3 if copy else np.inf, peak or np.inf)
+                ax.plot(xs, roof, "k" + style, lw=1, label=f"ceiling {dtype}: " + ", ".join(
+                    t for t in (f"{copy:.0f} GB/s" if copy else "", f"{peak:g} TFLOP/s" if peak else "") if t))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("arithmetic intensity (FLOP / lower bound of bytes moved)")
+        ax.set_ylabel("achieved TFLOP/s")
+        ax.set_title("blocks" + ("" if copy or any(_peak_tflops(ceilings, d) for d in set(blocks["dtype"]))
+                                 else " (no measured ceiling for this device)"), fontsize=9)
+        ax.legend(fontsize=6, ncol=2)
+    if "bandwidth" in axes:
+        ax = axes["bandwidth"]
+        labels = (kernels["block"] + " " + kernels["variant"] + " " + kernels["mode"]).tolist()
+        ax.barh(range(len(labels)), kernels["gbps"])
+        for i, value in enumerate(kernels["gbps"]):
+            ax.annotate(f"{value:.3g}", (value, i), fontsize=7, xytext=(2, -3), textcoords="offset points")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        if copy:
+            ax.axvline(copy, color="k", lw=1, label=f"copy {copy:.0f} GB/s")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("achieved GB/s (bytes the kernel must move / median time)")
+        ax.set_title("kernels" + ("" if copy else " (no measured copy bandwidth for this device)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _roofline_lines(blocks: pd.DataFrame, kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str]:
+    copy = ceilings.get("copy_gb_per_s")
+    peaks = {d: _peak_tflops(ceilings, d) for d in sorted(set(blocks["dtype"]))} if not blocks.empty else {}
+    known = [f"copy {copy:g} GB/s"] if copy else []
+    known += [f"{d} {v:g} TFLOP/s" for d, v in peaks.items() if v]
+    caption = ("Ceilings measured on this device: " + ", ".join(known) + f" (from `{CEILINGS_FILE}` or "
+               "`--copy-gbps`)." if known else
+               f"No ceiling is known for this device (no `{CEILINGS_FILE}` with `copy_gb_per_s` and "
+               "`fp32_tflops`/`bf16_tflops`, no `--copy-gbps`): the points stand without a roof.")
+    return ["## Roofline", "",
+            f"{len(blocks)} block cells placed by arithmetic intensity: FLOPs over a lower bound of the bytes a step "
+            "moves (weights and input read once; in training weights read twice, their gradients written and "
+            "the input read twice; in the compute dtype; activations ignored, so the intensity is an upper "
+            f"bound); {len(kernels)} kernel cells by achieved GB/s. {caption}", "",
+            "![roofline](roofline.png)", ""]
 
 
 # ------------------------------------------------------------------------------------------------ write
@@ -726,7 +798,7 @@ def _kernel_lines(kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str
         fraction = f"{gbps / copy:.0%}" if gbps is not None and copy else "—"
         tflops = f"{r['tflops_per_s']:.3g}" if _present(r.get("tflops_per_s")) else "—"
         lines.append(f"| `{r['block']}` | `{r['variant']}` | {r['mode']} | {r['dtype']} | {r['batch']} | "
-                     f"{r['step_time_median_s'] * 1e6:.1f} µs | {'—' if gbps is None else f'{gbps:.1f}'} | "
+                     f"{r['step_time_median_s'] * 1e6:.1f} µs | {'—' if gbps is None else f'{gbps:.3g}'} | "
                      f"{fraction} | {tflops} |")
     return [*lines, ""]
 
@@ -813,8 +885,10 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
     kernels = frame[frame["kind"] == "kernel"]
     if not kernels.empty:
         lines += _kernel_lines(kernels, ceilings)
-        _plot_roofline(kernels, ceilings, device_dir / "roofline.png")
-        lines += ["![kernels against the roofline](roofline.png)", ""]
+    roof_blocks, roof_kernels = roofline_points(frame)
+    if not (roof_blocks.empty and roof_kernels.empty):
+        _plot_roofline(roof_blocks, roof_kernels, ceilings, device_dir / "roofline.png")
+        lines += _roofline_lines(roof_blocks, roof_kernels, ceilings)
     (device_dir / "README.md").write_text("\n".join(lines))
     (device_dir / "index.html").write_text(markdown_to_html(lines, f"perfkit report: {device_name(device)}",
                                                             device_dir))
