@@ -1069,7 +1069,7 @@ def compare_with_baseline(slug: str, records: Sequence[Record], baseline_dir: Pa
     from perfkit.compare import CompareError, compare_records, render
 
     folder = baseline_dir / slug
-    candidates = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    candidates = sorted([*folder.glob("*.json"), *folder.glob("*.jsonl")]) if folder.is_dir() else []
     candidates = [c for c in candidates if c.name != CEILINGS_FILE]
     if not candidates:
         return None
