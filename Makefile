@@ -11,6 +11,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 REPORTS ?= reports
+STORAGE ?= .benchmarks
 
 .PHONY: setup test bench publish lint clean
 
@@ -35,9 +36,11 @@ test: $(STAMP)
 # The quick profile on the CPU, the full one where a GPU is present (perfkit/pytest_plugin.py lists the
 # options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run. The
 # report goes to $(OUT)/reports and is compared with the committed one in $(REPORTS); nothing tracked changes.
+# Each run is also kept in pytest-benchmark's storage ($(STORAGE), ignored by git) for `perfkit history`.
 bench: $(STAMP)
 	@mkdir -p $(OUT) && rm -f $(OUT)/results.jsonl
-	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl
+	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl \
+		--benchmark-autosave --benchmark-storage=file://$(STORAGE)
 	$(PY) -m perfkit report $(OUT)/bench.json -o $(OUT)/reports --baseline $(REPORTS)
 
 # On purpose: make the last `make bench` run the committed report (and baseline) of its device.

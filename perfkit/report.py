@@ -1106,8 +1106,11 @@ def build_reports(paths: Sequence[str | Path], out_dir: str | Path, copy_gbps: f
         folder = write_device_report(slug, cells.reset_index(drop=True), results, device_records, out_dir,
                                      copy_gbps)
         if text is None and baseline_dir is not None and not same:
+            others = sorted(p.parent.name for p in Path(baseline_dir).glob("*/README.md") if p.parent.name != slug)
             print(f"{slug}: no committed report in {baseline_dir}/{slug}/ to compare with "
-                  "(`make publish` makes this run the baseline)")
+                  "(`make publish` makes this run the baseline)"
+                  + (f"; committed reports of other machines ({', '.join(others)}) are not compared: their "
+                     "timings measure the hardware, not the change" if others else ""))
         elif text is not None:
             (folder / "compare.md").write_text("```\n" + text + "```\n")
             print(f"{slug}: against the committed report in {baseline_dir}/{slug}/\n{text}")
