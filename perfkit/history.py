@@ -25,7 +25,6 @@ otherwise, 2 on bad input. Drift is reported, not gated.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ DRIFT_Z = 3.0
 BOOTSTRAP_RESAMPLES = 200
 SEED = 0
 """Resampling of a piece's run medians is seeded: the same storage always gives the same steps."""
+Z95 = 1.959964
 MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
 """The standard error of a median over that of a mean, for normal scatter."""
 
@@ -132,15 +132,14 @@ class CellHistory:
 
 # -------------------------------------------------------------------------------------------- statistics
 
-def median_interval(times_s: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """``(median, low, high)``: the distribution-free interval of the median from the order statistics."""
+def median_interval(times_s: Sequence[float]) -> tuple[float, float, float]:
+    """``(median, low, high)``: the distribution-free 95% interval of the median from the order statistics."""
     x = np.sort(np.asarray(times_s, dtype=float))
     n = x.size
     median = float(np.median(x))
     if n < 3:
         return median, float(x[0]), float(x[-1])
-    z = {0.95: 1.959964}.get(confidence, 1.959964)
-    half = z * math.sqrt(n) / 2
+    half = Z95 * math.sqrt(n) / 2
     low, high = max(int(math.floor(n / 2 - half)), 0), min(int(math.ceil(n / 2 + half)), n - 1)
     return median, float(x[low]), float(x[high])
 
@@ -226,7 +225,7 @@ def analyse(device: str, cell: str, points: list[Point]) -> CellHistory:
     """Steps and drifts of one cell's series of points (ordered by commit)."""
     history = CellHistory(device, cell, points)
     y = np.log([p.median_s for p in points])
-    within = np.array([(math.log(p.ci_high_s) - math.log(p.ci_low_s)) / (2 * 1.959964) for p in points])
+    within = np.array([(math.log(p.ci_high_s) - math.log(p.ci_low_s)) / (2 * Z95) for p in points])
     u = np.maximum(within, _run_scatter(y))
     bounds = [0]
     for index, z in find_steps(y, u):
@@ -392,18 +391,3 @@ def run_history(storage: Sequence[str], *, device: str = "*", cells: str = "*", 
         lines += ["", f"REGRESSED ({len(regressed)}): the latest run sits on a step slower than +{threshold:.0%}",
                   *regressed]
     return (EXIT_REGRESSION if regressed else EXIT_OK), "\n".join(lines) + "\n"
-
-
-def write_run(path: Path, template: dict, commit: str, commit_time: str, times: dict[int, list[float]]) -> None:
-    """Write a run JSON like ``template`` (a pytest-benchmark JSON) with other commit and rounds: for tests
-    and demonstrations built from a real run's rounds. ``times`` maps a benchmark's index to its rounds."""
-    data = json.loads(json.dumps(template))
-    data["commit_info"] = {**data.get("commit_info", {}), "id": commit, "time": commit_time}
-    data["datetime"] = commit_time
-    for index, rounds in times.items():
-        bench = data["benchmarks"][index]
-        bench["stats"]["data"] = rounds
-        bench["extra_info"]["times_s"] = rounds
-        bench["extra_info"]["step_time_median_s"] = float(np.median(rounds))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))

@@ -1,10 +1,14 @@
 """Per-device reports from benchmark results: ``perfkit report RESULTS... -o reports/``.
 
 Reads pytest-benchmark JSON files (the record of each cell is its ``extra_info``) and perfkit's JSON-lines
-files, groups the cells by device and writes, for each device, ``reports/<device-slug>/README.md`` (how and
-when it ran, the device, per mode the speedup, memory and correctness tables, the best variant per block,
-the kernels against the copy bandwidth), ``summary.csv`` and PNG plots with fixed names, so a re-run
-replaces the report. ``reports/README.md`` indexes every device folder found there.
+files, groups the cells by device and writes, for each device, ``<out>/<device-slug>/README.md`` (a summary
+with fast_p and geometric means, how and when it ran, the device, per mode the speedup, memory and
+correctness tables with 95% intervals, the best variant per block, the kernels against the copy bandwidth,
+the roofline), the same page as a self-contained ``index.html``, ``summary.csv`` and PNG plots with fixed
+names, so a re-run replaces the report. ``<out>/README.md`` indexes every device folder found there.
+
+A run writes under ``out/reports`` and compares each device with its committed report in ``reports/``;
+only ``--publish`` (``make publish``) writes into ``reports/``.
 
 The report reads only records (``perfkit.record``): never the code that produced them.
 """

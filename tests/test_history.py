@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from perfkit.cli import main
-from perfkit.history import Point, analyse, write_run
+from perfkit.history import Point, analyse, median_interval
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_RUN = next((REPO / "reports").glob("cpu-*/bench.json"))
@@ -23,6 +23,21 @@ MACHINE_ID = "Linux-CPython-3.11-64bit"
 @pytest.fixture(scope="module")
 def real_run() -> dict:
     return json.loads(REAL_RUN.read_text())
+
+
+def write_run(path: Path, template: dict, commit: str, commit_time: str, times: dict[int, list[float]]) -> None:
+    """A run JSON like ``template`` (a pytest-benchmark JSON) at another commit, benchmark ``i`` with rounds
+    ``times[i]``."""
+    data = json.loads(json.dumps(template))
+    data["commit_info"] = {**data.get("commit_info", {}), "id": commit, "time": commit_time}
+    data["datetime"] = commit_time
+    for index, rounds in times.items():
+        bench = data["benchmarks"][index]
+        bench["stats"]["data"] = rounds
+        bench["extra_info"]["times_s"] = rounds
+        bench["extra_info"]["step_time_median_s"] = float(np.median(rounds))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
 
 
 def _commit(i: int) -> str:
@@ -47,8 +62,6 @@ def history(*args) -> int:
 
 def _points(real_run: dict, index: int, factors: list[float], seed: int) -> list[Point]:
     """A series of one real cell's resampled medians, run ``i`` scaled by ``factors[i]``."""
-    from perfkit.history import median_interval
-
     rng = np.random.default_rng(seed)
     data = np.asarray(real_run["benchmarks"][index]["stats"]["data"])
     points = []
