@@ -787,8 +787,8 @@ def _kernel_lines(kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str
              "Achieved bandwidth from the bytes a kernel must move (each input read once, each output written "
              "once) over its median time"
              + (f"; the fraction is of the measured copy bandwidth, {copy:.0f} GB/s." if copy else
-                f"; no copy bandwidth was given (`--copy-gbps` or `{CEILINGS_FILE}`), so no fraction."),
-             "",
+                f"; no copy bandwidth was given (`--copy-gbps` or `{CEILINGS_FILE}`), so no fraction.")
+             + " ⚠ marks noisy, contended, launch-bound or throttled cells.", "",
              "| kernel | variant | mode | dtype | batch | median | GB/s | of copy | TFLOP/s |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for _, r in kernels.iterrows():
@@ -801,9 +801,9 @@ def _kernel_lines(kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str
             r["bytes_per_step"] / r["step_time_median_s"] / 1e9 if _present(r.get("bytes_per_step")) else None)
         fraction = f"{gbps / copy:.0%}" if gbps is not None and copy else "—"
         tflops = f"{r['tflops_per_s']:.3g}" if _present(r.get("tflops_per_s")) else "—"
+        bandwidth = "—" if gbps is None else f"{gbps:.3g}"
         lines.append(f"| `{r['block']}` | `{r['variant']}` | {r['mode']} | {r['dtype']} | {r['batch']} | "
-                     f"{r['step_time_median_s'] * 1e6:.1f} µs | {'—' if gbps is None else f'{gbps:.3g}'} | "
-                     f"{fraction} | {tflops} |")
+                     f"{r['step_time_median_s'] * 1e6:.1f} µs{_flag_text(r)} | {bandwidth} | {fraction} | {tflops} |")
     return [*lines, ""]
 
 
