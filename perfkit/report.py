@@ -285,6 +285,7 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
         speedup = speedup_interval(r, eager.get(group_of(r)))
         row["speedup_vs_eager"], row["speedup_ci_low"], row["speedup_ci_high"], row["speedup_method"] = \
             speedup if speedup else (None, None, None, None)
+        row["_memory_exact"] = _memory_exact(r)
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
@@ -297,10 +298,9 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
     frame = frame.merge(reference, on=group, how="left")
     ok = frame["status"] == "ok"
     frame["memory_ratio_vs_eager"] = (frame[memory_column] / frame["_ref_memory"]).where(ok)
-    exact = pd.Series([_memory_exact(r) for r in records], index=frame.index)
-    frame["memory_ratio_ci_low"] = frame["memory_ratio_vs_eager"].where(exact)
-    frame["memory_ratio_ci_high"] = frame["memory_ratio_vs_eager"].where(exact)
-    frame = frame.drop(columns=["_ref_memory"])
+    frame["memory_ratio_ci_low"] = frame["memory_ratio_vs_eager"].where(frame["_memory_exact"])
+    frame["memory_ratio_ci_high"] = frame["memory_ratio_vs_eager"].where(frame["_memory_exact"])
+    frame = frame.drop(columns=["_ref_memory", "_memory_exact"])
     return frame.sort_values(["device_slug", "kind", "block", "mode", "batch", "variant"], kind="stable",
                              ignore_index=True)
 
@@ -1022,6 +1022,9 @@ def write_index(out_dir: Path) -> Path:
         (out_dir / "README.md").write_text("\n".join([*lines, "No device reports yet.", ""]))
         return out_dir / "README.md"
     frame = pd.concat(frames, ignore_index=True)
+    for column in ("speedup_ci_low", "speedup_ci_high", *FLAGS):
+        if column not in frame:  # a summary.csv written before intervals and flags existed
+            frame[column] = math.nan
     devices = sorted(set(frame["device_slug"]))
     names = frame.drop_duplicates("device_slug").set_index("device_slug")["device_name"]
     heads = " | ".join(f"fast_{p:g}" for p in FAST_P_THRESHOLDS)
