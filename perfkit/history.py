@@ -336,6 +336,7 @@ def plot_histories(found: list[CellHistory], runs: list[Run], out_dir: Path) -> 
                 ax.annotate(f"{step.ratio - 1:+.0%} at {_short(step.commit)}", (at, median.max()),
                             fontsize=7, rotation=90, va="top", ha="right")
         ax.set_xticks(range(len(runs)), [_short(r.commit)[:7] for r in runs], rotation=90, fontsize=7)
+        ax.set_yscale("log")  # variants differ by orders of magnitude; a step reads as the same height anywhere
         ax.set_xlabel("commit (ordered by commit date)")
         ax.set_ylabel("median step time (ms), 95% interval")
         ax.set_title(f"{device}: {block} {mode}", fontsize=9)
