@@ -11,8 +11,9 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 OUT    ?= out
 REPORTS ?= reports
+STORAGE ?= .benchmarks
 
-.PHONY: setup test bench lint clean
+.PHONY: setup test bench publish lint clean
 
 setup: $(STAMP)
 
@@ -33,11 +34,19 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 # The quick profile on the CPU, the full one where a GPU is present (perfkit/pytest_plugin.py lists the
-# options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run.
+# options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run. The
+# report goes to $(OUT)/reports and is compared with the committed one in $(REPORTS); nothing tracked changes.
+# Each run is also kept in pytest-benchmark's storage ($(STORAGE), ignored by git) for `perfkit history`.
 bench: $(STAMP)
 	@mkdir -p $(OUT) && rm -f $(OUT)/results.jsonl
-	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl
-	$(PY) -m perfkit report $(OUT)/bench.json -o $(REPORTS)
+	$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl \
+		--benchmark-autosave --benchmark-storage=file://$(STORAGE)
+	$(PY) -m perfkit report $(OUT)/bench.json -o $(OUT)/reports --baseline $(REPORTS)
+
+# On purpose: make the last `make bench` run the committed report (and baseline) of its device.
+publish: $(STAMP)
+	@test -f $(OUT)/bench.json || { echo "no $(OUT)/bench.json: run make bench first"; exit 2; }
+	$(PY) -m perfkit report $(OUT)/bench.json --baseline $(REPORTS) --publish
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check perfkit kernels benchmarks tests

@@ -51,18 +51,28 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from perfkit.report import build_reports
 
-    folders = build_reports(args.results, args.output, copy_gbps=args.copy_gbps)
+    output = args.baseline if args.publish else args.output
+    folders = build_reports(args.results, output, copy_gbps=args.copy_gbps,
+                            baseline_dir=None if args.no_compare else args.baseline)
     for folder in folders:
         print(f"wrote {folder / 'README.md'}")
-    print(f"wrote {args.output.rstrip('/')}/README.md (index of every device report there)")
+    print(f"wrote {str(output).rstrip('/')}/README.md (index of every device report there)")
     return 0
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="per-device README, summary.csv and plots from benchmark results")
+    from perfkit.report import BASELINE_DIR, DEFAULT_OUTPUT
+
+    p = sub.add_parser("report", help="per-device README, summary.csv and plots from benchmark results, "
+                       "compared with the committed report of the same device")
     p.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json) or JSON-lines files")
-    p.add_argument("-o", "--output", default="reports", help="reports folder; one sub-folder per device "
-                   "(default: reports)")
+    p.add_argument("-o", "--output", default=DEFAULT_OUTPUT, help="reports folder; one sub-folder per device "
+                   f"(default: {DEFAULT_OUTPUT})")
+    p.add_argument("--baseline", default=BASELINE_DIR, help="the committed reports folder each device is compared "
+                   f"with (default: {BASELINE_DIR})")
+    p.add_argument("--no-compare", action="store_true", help="do not compare with the committed reports")
+    p.add_argument("--publish", action="store_true", help="write into the --baseline folder instead of --output, "
+                   "replacing the committed report (and baseline) of each device on purpose")
     p.add_argument("--copy-gbps", type=float, help="the device's measured copy bandwidth in GB/s, for the "
                    "kernels' fraction of it (default: ceilings.json in the device folder, if any)")
     p.set_defaults(func=_cmd_report)
@@ -87,6 +97,32 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="compare timings from different devices anyway (they measure the hardware, not the code)")
     p.add_argument("--format", choices=("markdown", "text"), default="markdown", help="output format")
     p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from perfkit.compare import parse_threshold
+    from perfkit.history import run_history
+
+    status, text = run_history(args.storage, device=args.device, cells=args.cells,
+                               threshold=parse_threshold(args.threshold), out_dir=args.output)
+    print(text, file=sys.stderr if status == 2 else sys.stdout, end="" if text.endswith("\n") else "\n")
+    return status
+
+
+def _add_history(sub: argparse._SubParsersAction) -> None:
+    from perfkit.history import DEFAULT_STORAGE
+
+    p = sub.add_parser("history", help="each cell's median over stored runs by commit: steps, drift, plots; "
+                       "exit 1 when the latest run sits on a regression step")
+    p.add_argument("storage", nargs="*", default=[DEFAULT_STORAGE], help="pytest-benchmark storage folders "
+                   f"(--benchmark-storage) or run JSON files (default: {DEFAULT_STORAGE})")
+    p.add_argument("--device", default="*", help="glob over device folder names, e.g. 'cpu-*' (default: all)")
+    p.add_argument("--cells", default="*", help="glob over cells block/variant/mode/dtype/bN, e.g. "
+                   "'basic/*/training/*' (default: all)")
+    p.add_argument("--threshold", default="5%", help="slowdown of a step that fails the gate (default: 5%%)")
+    p.add_argument("-o", "--output", default="out/history", help="folder for the PNGs, one per device, block "
+                   "and mode (default: out/history)")
+    p.set_defaults(func=_cmd_history)
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
@@ -183,11 +219,13 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="perfkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="perfkit", description="Profile and optimize CNN building blocks: one "
+                                     "subcommand per job (perfkit COMMAND --help for its options).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
     _add_report(sub)
     _add_compare(sub)
+    _add_history(sub)
     _add_baseline(sub)
     _add_memory(sub)
     _add_profile(sub)

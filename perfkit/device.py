@@ -2,7 +2,7 @@
 
 A timing means nothing without the machine: GPU name, memory, SM count, compute capability, driver, CUDA,
 torch and triton versions (and the memory bandwidth from nvidia-ml-py where it is installed), or the CPU
-model and thread count. Queried when asked, never at import.
+model, vendor, family, widest ISA and core count. Queried when asked, never at import.
 """
 
 from __future__ import annotations
@@ -23,15 +23,31 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+ISA_LEVELS = (("amx", ("amx_tile",)), ("avx512", ("avx512f",)), ("avx2", ("avx2",)), ("avx", ("avx",)),
+              ("sse4.2", ("sse4_2",)), ("sve", ("sve",)), ("neon", ("asimd", "neon")))
+"""The widest vector instruction set a CPU's flags name, widest first: what CPU convolutions are built on, so
+two machines with the same model string but a different ISA get different report folders."""
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_isa(flags: list[str] | str) -> str | None:
+    """The widest ISA of ``ISA_LEVELS`` among a CPU's ``flags`` (a list or /proc/cpuinfo's line), else None."""
+    present = set(flags.split() if isinstance(flags, str) else flags)
+    return next((name for name, needed in ISA_LEVELS if present & set(needed)), None)
 
 
 def _nvml(index: int) -> dict[str, Any]:
@@ -78,8 +94,13 @@ def _identity(device_str: str) -> tuple[tuple[str, Any], ...]:
         )
         info.update(_nvml(index))
     else:
+        cpuinfo = _cpuinfo()
         info.update(
-            name=_cpu_model(),
+            name=cpuinfo.get("model name") or platform.processor() or platform.machine(),
+            vendor=cpuinfo.get("vendor_id"),
+            cpu_family=cpuinfo.get("cpu family"),
+            cpu_model_id=cpuinfo.get("model"),
+            isa=cpu_isa(cpuinfo.get("flags") or cpuinfo.get("Features") or ""),
             cores=os.cpu_count(),
             torch_threads=torch.get_num_threads(),
             machine=platform.machine(),

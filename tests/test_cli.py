@@ -57,3 +57,11 @@ def test_list_rejects_an_unknown_kind(capsys: pytest.CaptureFixture[str]) -> Non
         main(["list", "--kind", "layer"])
     assert info.value.code == 2
     assert "invalid choice: 'layer'" in capsys.readouterr().err
+
+
+def test_help_reads_as_plain_text(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "history" in text and "report" in text

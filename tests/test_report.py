@@ -7,8 +7,11 @@ import csv
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -64,15 +67,15 @@ def test_report_from_the_real_run(run, tmp_path):
     folder = tmp_path / device_slug(device)
     assert folder.name.startswith("cpu-")
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["README.md", bench.name, "memory-inference.png", "memory-training.png",
-                     "speedup-inference.png", "speedup-training.png", "summary.csv"]
+    assert names == ["README.md", bench.name, "index.html", "memory-inference.png", "memory-training.png",
+                     "roofline.png", "speedup-inference.png", "speedup-training.png", "summary.csv"]
     # The run's own JSON is kept beside its report: the baseline `perfkit compare` reads next time.
     assert (folder / bench.name).read_bytes() == bench.read_bytes()
     readme = (folder / "README.md").read_text()
     assert f"[{bench.name}]({bench.name})" in readme
     assert device["name"] in readme and "profile `quick`" in readme
     for text in ("## Inference", "## Training", "`basic`", "`eager`", "`channels_last`", "`fp16`",
-                 "skipped: fp16 needs a CUDA GPU", "**1.00×**", "### Best variant per block",
+                 "skipped: fp16 needs a CUDA GPU", "reference · ", "### Best variant per block", "## Summary",
                  "](speedup-training.png)", "](memory-inference.png)"):
         assert text in readme, text
     rows = list(csv.DictReader((folder / "summary.csv").open()))
@@ -88,12 +91,13 @@ def test_failed_cell_never_reads_as_a_speedup(run, planted, tmp_path):
     readme = (folder / "README.md").read_text()
     training = readme.split("## Training")[1]
     speedup_row = next(line for line in training.splitlines() if line.startswith("| `basic` |"))
-    assert "FAILED (err 3e-01)" in speedup_row and "×** ·" in speedup_row  # eager's speedup, not the failed one
-    assert speedup_row.count("×") == 1
+    # The failed cell ran 10x faster, yet no ratio is shown for it: eager reads as the reference.
+    assert "FAILED (err 3e-01)" in speedup_row and "reference · " in speedup_row
+    assert "×" not in speedup_row
     best = training.split("### Best variant per block")[1]
     assert "`channels_last`" not in best
     # The kernel: 4 MB in 1 ms is 4 GB/s, half the 8 GB/s copy bandwidth given.
-    assert "| `wrc_epilogue` | `triton` | inference | float32 | 8 | 1000.0 µs | 4.0 | 50% |" in readme
+    assert "| `wrc_epilogue` | `triton` | inference | float32 | 8 | 1000.0 µs | 4 | 50% |" in readme
     assert (folder / "roofline.png").exists() and "](roofline.png)" in readme
 
 
@@ -102,7 +106,7 @@ def test_rerun_replaces_the_report(run, planted, tmp_path):
     folder = next(p for p in tmp_path.iterdir() if p.is_dir())
     (folder / "ceilings.json").write_text(json.dumps({"copy_gb_per_s": 16.0}))
     assert report(run[0], "-o", tmp_path) == 0  # no kernel cells this time
-    assert not (folder / "roofline.png").exists()
+    assert "; 0 kernel cells by achieved GB/s" in (folder / "README.md").read_text()
     assert (folder / "ceilings.json").exists()
     first = (folder / "README.md").read_text()
     assert report(run[0], "-o", tmp_path) == 0
@@ -115,7 +119,7 @@ def test_ceilings_file_gives_the_fraction(run, planted, tmp_path):
     folder.mkdir()
     (folder / "ceilings.json").write_text(json.dumps({"copy_gb_per_s": 16.0, "bf16_tflops": 1.0}))
     assert report(planted, "-o", tmp_path) == 0
-    assert "| 4.0 | 25% |" in (folder / "README.md").read_text()
+    assert "| 4 | 25% |" in (folder / "README.md").read_text()
 
 
 def test_json_and_jsonl_hold_the_same_cells(run):
@@ -129,6 +133,97 @@ def test_json_and_jsonl_hold_the_same_cells(run):
 def test_bad_input_exits_2(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"benchmarks": [')
     assert report(tmp_path / "bad.json", "-o", tmp_path / "out") == 2
-    assert "bad.json: line 1: invalid JSON" in capsys.readouterr().err
+    assert "bad.json: line 1, column 17: invalid JSON: Expecting value" in capsys.readouterr().err
+    # A truncated multi-line file: the error is on its last line, not on line 1.
+    (tmp_path / "cut.json").write_text('{\n "benchmarks": [\n  {"name": "x",\n   "group": "ab')
+    assert report(tmp_path / "cut.json", "-o", tmp_path / "out") == 2
+    assert "cut.json: line 4, column 13: invalid JSON: Unterminated string starting at" in capsys.readouterr().err
+    good = json.dumps(Record(block="basic", variant="eager", mode="inference", dtype="float32", batch=8,
+                             status="skipped").to_dict())
+    (tmp_path / "lines.jsonl").write_text(f'{good}\n{good}\n{{"schema": \n')
+    assert report(tmp_path / "lines.jsonl", "-o", tmp_path / "out") == 2
+    assert "lines.jsonl: line 3, column 12: invalid JSON: Expecting value" in capsys.readouterr().err
     assert report(tmp_path / "missing.json", "-o", tmp_path / "out") == 2
     assert "missing.json: cannot read" in capsys.readouterr().err
+
+
+def _render_in_chromium(url: str) -> str:
+    """The DOM of ``url`` after its scripts ran, from headless Chromium (Debian's package or Playwright's)."""
+    binary = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                   if shutil.which(name)), None)
+    if binary:
+        result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", url],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("no Chromium: neither a chromium/google-chrome binary on PATH nor Playwright "
+                    "(apt-get install chromium, or pip install playwright && playwright install chromium)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch()
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        dom = page.content()
+        browser.close()
+    return dom
+
+
+class _Tables(HTMLParser):
+    """Every table of a page as rows of cell texts, with the attributes of each <table> and of <body>."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[tuple[dict, list[list[str]]]] = []
+        self.body: dict = {}
+        self.images: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.tables.append((dict(attrs), []))
+        elif tag == "tr":
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "body":
+            self.body = dict(attrs)
+        elif tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_html_view_renders_sortable_tables_in_chromium(run, tmp_path):
+    assert report(run[0], "-o", tmp_path, "--no-compare") == 0
+    folder = next(p for p in tmp_path.iterdir() if p.is_dir())
+    readme = (folder / "README.md").read_text()
+    # Table 1 is the geometric-mean speedup table; sort it by its last column, descending.
+    dom = _render_in_chromium((folder / "index.html").as_uri() + "#sort=1,3,desc")
+    page = _Tables()
+    page.feed(dom)
+    assert page.body.get("data-ready") == "1", "the page's script did not run"
+    assert len(page.tables) == sum(1 for line in readme.splitlines() if line.startswith("|---"))
+    attrs, rows = page.tables[1]
+    assert rows[0] == ["mode", "variant", "correct / run", "geomean speedup"]
+    assert attrs.get("data-sorted-by") == "3,desc"
+    # channels_last in both modes has a geomean; fp16 (skipped on the CPU) has none and sorts after them.
+    speedups = [float(re.search(r"([0-9.]+)×", r[3]).group(1)) for r in rows[1:3]]
+    assert speedups == sorted(speedups, reverse=True) and {r[1] for r in rows[1:3]} == {"channels_last"}
+    assert [r[3] for r in rows[3:]] == ["—", "—"]
+    # The rendered speedup table holds the README's cells.
+    speedup_rows = next(rows for _, rows in page.tables if rows[0][:3] == ["block", "batch", "eager"])
+    assert speedup_rows[1][0] == "basic" and speedup_rows[1][2].startswith("reference · ")
+    assert any(r.startswith("| `basic` | 8 | reference · ") for r in readme.splitlines())
+    # Self-contained: every plot is embedded, none is linked.
+    assert len(page.images) == len(list(folder.glob("*.png"))) and all(
+        src.startswith("data:image/png;base64,") for src in page.images)
