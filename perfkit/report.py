@@ -280,6 +280,7 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
         del row["times_s"]
         device = row.pop("device")
         row = {"device_slug": device_slug(device), "device_name": device_name(device), **row}
+        row.update(_predicted_columns(row.pop("predicted_memory", None)))
         for flag in FLAGS:
             row[flag] = getattr(r, flag, None)
         speedup = speedup_interval(r, eager.get(group_of(r)))
@@ -382,6 +383,30 @@ def _speedup_text(row: pd.Series) -> str:
         return f"reference · {throughput}{marks}"
     text = ratio_text(row["speedup_vs_eager"], row.get("speedup_ci_low"), row.get("speedup_ci_high"))
     return (text if within_noise(row) else f"**{text}**") + f" · {throughput}{marks}"
+
+
+PREDICTED_CATEGORIES = ("activations", "temporaries")
+"""The memory model's categories the report shows beside the measured peak (the rest sit in the prediction)."""
+
+
+def _predicted_columns(prediction: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's ``predicted_memory`` flattened for the frame: each shown category at the predicted peak."""
+    at_peak = (prediction or {}).get("at_peak") or {}
+    return {f"predicted_{c}_at_peak_bytes": at_peak.get(c) for c in PREDICTED_CATEGORIES}
+
+
+def _predicted_text(row: pd.Series) -> str:
+    status = status_text(row)
+    if status and row["status"] != "oom":
+        return status
+    predicted, measured = row.get("predicted_peak_rise_bytes"), row.get("peak_memory_rise_bytes")
+    if not _present(predicted):
+        return "—" if not status else status
+    split = " / ".join(_mib(row.get(f"predicted_{c}_at_peak_bytes") or 0) for c in PREDICTED_CATEGORIES)
+    if not _present(measured):
+        return f"pred {_mib(predicted)} (act / tmp {split}) · not measured"
+    ratio = f"{measured / predicted:.2f}×" if predicted else "—"
+    return f"pred {_mib(predicted)} (act / tmp {split}) · meas {_mib(measured)} · {ratio}"
 
 
 def _memory_text(row: pd.Series, memory_column: str) -> str:
@@ -870,6 +895,14 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
             bars = f"memory-{mode}.png"
             _plot_memory_bars(cells, mode, memory_column, device_dir / bars)
             lines += ["", f"![{mode} peak memory]({bars})"]
+        if "predicted_peak_rise_bytes" in cells and cells["predicted_peak_rise_bytes"].notna().any():
+            lines += ["", "### Memory: predicted against measured", "",
+                      "The memory model's peak rise for the step (tensors only: `perfkit memory`), with its "
+                      "activations and temporaries at that peak, against the measured peak rise and their "
+                      "ratio. A ratio above 1 is what the step spent outside its tensors (library workspaces, "
+                      "allocator rounding); below 1 the measurement missed tensors or the variant keeps less "
+                      "than its eager module (a compiled graph).", ""]
+            lines += _table(cells, _predicted_text)
         lines += ["", "### Correctness", "",
                   "Relative error ‖out − ref‖/‖ref‖ against the float64 reference (outputs, and gradients in "
                   "training), against the dtype's tolerance.", ""]
