@@ -94,7 +94,7 @@ class ClockMonitor:
             self._nvml = pynvml
         try:
             self._nvml.nvmlInit()
-            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index or 0)
+            self._handle = _nvml_handle(self._nvml, device_index or 0)
             self.application_sm_clock_mhz = int(self._nvml.nvmlDeviceGetApplicationsClock(
                 self._handle, self._nvml.NVML_CLOCK_SM))
         except Exception as error:  # an NVML error of any kind is a recorded reason, never a failed cell
@@ -172,6 +172,16 @@ class ClockMonitor:
         if self.reason:
             summary["reason"] = self.reason
         return summary
+
+
+def _nvml_handle(nvml: Any, index: int) -> Any:
+    """NVML's handle of CUDA device ``index``: by UUID where torch knows it, since NVML numbers the GPUs
+    regardless of ``CUDA_VISIBLE_DEVICES`` (an xdist worker's device 0 may be the machine's GPU 5)."""
+    if torch.cuda.is_available():
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is not None:
+            return nvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+    return nvml.nvmlDeviceGetHandleByIndex(index)
 
 
 class DeviceClockRounds:

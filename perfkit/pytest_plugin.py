@@ -351,11 +351,10 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-shard: {error}") from None
     isolate = bool(config.getoption("perfkit_isolate") or os.environ.get(ISOLATE_ENV) == "1")
 
-    numprocesses = getattr(config.option, "numprocesses", None)
-    if device.type == "cuda" and isinstance(numprocesses, int) and numprocesses > 0 \
-            and not hasattr(config, "workerinput"):
+    if device.type == "cuda" and not hasattr(config, "workerinput"):
+        numprocesses = getattr(config.option, "numprocesses", None)  # pytest-xdist's -n, resolved by now
         gpus = visible_gpus()
-        if numprocesses > len(gpus):
+        if isinstance(numprocesses, int) and numprocesses > len(gpus):
             raise pytest.UsageError(f"-n {numprocesses}: only {len(gpus)} GPU(s) visible ({', '.join(gpus)}); each "
                                     f"xdist worker owns one GPU, so run at most -n {len(gpus)} (or -n auto)")
 
