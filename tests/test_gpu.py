@@ -13,6 +13,7 @@ import time
 import pytest
 
 from perfkit import gpu
+from perfkit.ceilings import measure_ceilings, write_ceilings
 from perfkit.gpu import ClockMonitor, DeviceClockRounds
 from perfkit.measure import BenchmarkRounds, SyncedStep, TimingPolicy, adaptive_rounds, clock_rounds, measure_cell
 
@@ -232,3 +233,22 @@ def test_measure_cell_fills_the_device_fields() -> None:
     assert len(record.device_times_s) == record.rounds == len(record.times_s)
     assert record.throttled is False and record.clocks["source"] == "nvml"
     assert record.launch_bound in (True, False) and record.device_timer == gpu.DEVICE_TIMER
+
+
+def _wall_rounds(fn, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def test_ceilings_are_work_over_median_time_and_the_report_reads_them(tmp_path) -> None:
+    from perfkit.report import read_ceilings
+
+    # On the CPU with a host clock: the bookkeeping only (the benchmark measures them on a GPU).
+    ceilings = measure_ceilings("cpu", copy_bytes=2**22, matmul_n=64, rounds=3, time_rounds=_wall_rounds)
+    assert set(ceilings) == {"copy_gb_per_s", "bf16_tflops"} and all(v > 0 for v in ceilings.values())
+    write_ceilings(ceilings, tmp_path / "cpu-x")
+    assert read_ceilings(tmp_path / "cpu-x", None) == pytest.approx(ceilings)

@@ -127,8 +127,11 @@ def test_isolate_runs_each_block_in_a_fresh_process() -> None:
 @pytest.mark.slow
 def test_isolated_run_yields_the_serial_cells_and_stores_their_rounds(serial_run: Path, tmp_path: Path) -> None:
     result = _pytest(*TINY, "--perfkit-isolate", f"--perfkit-jsonl={tmp_path / 'r.jsonl'}",
-                     f"--benchmark-json={tmp_path / 'b.json'}")
+                     f"--benchmark-json={tmp_path / 'b.json'}", "--perfkit-shard=1/1")
     assert result.returncode == 0, result.stdout + result.stderr
+    # A shard prints its plan, then a progress line per test: the 4 cells, the ceilings' and the kernels' skips.
+    assert "perfkit plan: 6 cells" in result.stdout
+    assert len(re.findall(r"\[\d/6\] \S+: (?:passed|skipped) in", result.stdout)) == 6, result.stdout
     assert _cells(tmp_path / "r.jsonl") == _cells(serial_run)
     benches = json.loads((tmp_path / "b.json").read_text())["benchmarks"]
     assert len(benches) == 4
