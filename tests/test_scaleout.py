@@ -158,6 +158,11 @@ def test_two_shards_through_submitit_yield_the_serial_cells(serial_run: Path, tm
     assert list((tmp_path / "reports").glob("*/README.md"))
 
 
+def test_launch_refuses_bad_input_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["launch", "--shards", "0", "--executor", "local"]) == 2
+    assert "positive number of shards" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------- shard merging
 
 def _record(shard: str, **device) -> Record:
