@@ -2,12 +2,13 @@
 
 Each of the N jobs runs ``python -m pytest <benchmarks> --perfkit-shard K/N`` (a fresh interpreter: a job
 is a clean process whatever the executor) and writes ``shard-K-of-N.json`` and ``.jsonl`` in the output
-folder. ``slurm`` submits them as a SLURM job array, one GPU each; ``local`` runs the same jobs as processes
-on this machine (submitit's local executor: for tests, and for a CPU), each given its own GPU where there
-are GPUs, never more shards than GPUs. When every job has ended, the shards that produced results are
-merged by ``perfkit report`` (which refuses a cell two shards measured on different devices of one name);
-a failed shard is reported with its log and the others are kept. Exit status 0 when every shard ran, 1
-when one failed, 2 on bad input.
+folder. ``slurm`` submits one SLURM job per shard, one GPU each; each job runs pytest in the directory
+``perfkit launch`` ran in, so the checkout must be on a filesystem the nodes share. ``local`` runs the same
+jobs as processes on this machine (submitit's local executor: for tests, and for a CPU), each given its
+own GPU where there are GPUs, never more shards than GPUs. When every job has ended, the shards that
+produced results are merged by ``perfkit report`` (which refuses a cell two shards measured on different
+devices of one name); a failed shard is reported with its log and the others are kept. Exit status 0
+when every shard ran, 1 when one failed, 2 on bad input.
 
 submitit is an optional dependency: ``pip install -e '.[cluster]'``.
 """

@@ -8,8 +8,9 @@ Selection (each option has an environment variable; the option wins):
 ==========================  ===================  ==========================================================
 option                      environment          meaning
 ==========================  ===================  ==========================================================
-``--perfkit-profile``       ``PERFKIT_PROFILE``  ``quick`` (CPU-sized; the default without a GPU) or
+``--perfkit-profile``       ``PERFKIT_PROFILE``  ``quick`` (CPU-sized; the default without a GPU),
                                                  ``full`` (benchmark shapes, every entry; default with one)
+                                                 or ``gpu-smoke`` (one call on one GPU, with its plan)
 ``--perfkit-blocks``        ``PERFKIT_BLOCKS``   comma list of names or globs (``basic,resnet*``)
 ``--perfkit-variants``      ``PERFKIT_VARIANTS`` comma list of variants (``eager,channels_last+bf16``)
 ``--perfkit-modes``         ``PERFKIT_MODES``    ``inference``, ``training`` or both
