@@ -379,6 +379,10 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ProgressLines(config), "perfkit-progress")
 
 
+# --- issue 14: one GPU per xdist worker, the plan, shards and progress lines (perfkit/workers.py, plan.py,
+# shard.py); everything from here to file_record.
+
+
 def _wants_cuda(config: pytest.Config) -> bool:
     device = _option(config, "device")
     return device.startswith("cuda") if device else torch.cuda.is_available()
@@ -472,6 +476,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     elif set(KERNEL_ARGNAMES) <= set(metafunc.fixturenames):
         cells = matrix.kernel_cells()
         metafunc.parametrize(KERNEL_ARGNAMES, cells, ids=["-".join(cell) for cell in cells])
+
+
+# --- end of issue 14's hooks
 
 
 def file_record(matrix: MatrixConfig, benchmark, record: Record) -> Record:
