@@ -142,8 +142,8 @@ PROFILES = {
     # minutes with its first compiles: eager, channels_last, channels_last+bf16 and triton on the blocks and
     # networks with fused kernels at batch 64; compile on each, in training too for the blocks only (a
     # network's training compile is a minute or more); triton+compile on the two blocks whose kernels are
-    # the point (wrc, dense); the kernel cells in float32; the ceilings. The whole list of issue #14 (every
-    # compile in both modes, kernels in bf16 and compiled) estimates at 14 minutes.
+    # the point (wrc, dense); the kernel cells in float32; the ceilings. Every compile in both modes (issue
+    # #14's whole list) estimates at 13.5 minutes.
     "gpu-smoke": Profile(
         blocks=("basic", "bottleneck", "wrc", "dense", "resnet50", "densenet121"),
         variants=("eager", "channels_last", "channels_last+bf16", "triton"),
