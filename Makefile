@@ -13,7 +13,7 @@ OUT    ?= out
 REPORTS ?= reports
 STORAGE ?= .benchmarks
 
-.PHONY: setup test bench publish lint clean
+.PHONY: setup test bench bench-gpu publish lint clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,19 @@ bench: $(STAMP)
 publish: $(STAMP)
 	@test -f $(OUT)/bench.json || { echo "no $(OUT)/bench.json: run make bench first"; exit 2; }
 	$(PY) -m perfkit report $(OUT)/bench.json --baseline $(REPORTS) --publish
+
+# One call on one H100/H200 (perfkit/plan.py estimates 6.5 minutes; the plan prints first): the gpu-smoke
+# profile, the device's ceilings copied where the report reads them, the report, and one archive of it all
+# to carry off the machine. The report is built even when a cell's test failed.
+bench-gpu: $(STAMP)
+	@mkdir -p $(OUT) && rm -rf $(OUT)/results.jsonl $(OUT)/ceilings $(OUT)/gpu-smoke.tar.gz
+	-PERFKIT_PROFILE=gpu-smoke $(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json \
+		--perfkit-jsonl $(OUT)/results.jsonl
+	@if [ -d $(OUT)/ceilings ]; then mkdir -p $(REPORTS) && cp -r $(OUT)/ceilings/. $(REPORTS)/; fi
+	$(PY) -m perfkit report $(OUT)/bench.json -o $(REPORTS)
+	tar -czf $(OUT)/gpu-smoke.tar.gz $(OUT)/bench.json $(OUT)/results.jsonl $(REPORTS) \
+		$$([ -d $(OUT)/ceilings ] && echo $(OUT)/ceilings)
+	@echo "perfkit: everything is in $(OUT)/gpu-smoke.tar.gz"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check perfkit kernels benchmarks tests

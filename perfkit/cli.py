@@ -49,8 +49,12 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from perfkit.report import build_reports
+    from perfkit.report import build_reports, load_results
+    from perfkit.shard import check_shard_results
 
+    # issue 14: shards merge here; a cell two shards measured on different devices of one name is refused.
+    for warning in check_shard_results([load_results(p) for p in args.results]):
+        print(f"perfkit report: {warning}", file=sys.stderr)
     output = args.baseline if args.publish else args.output
     folders = build_reports(args.results, output, copy_gbps=args.copy_gbps,
                             baseline_dir=None if args.no_compare else args.baseline)
@@ -217,6 +221,41 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_profile)
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import torch
+
+    from perfkit.launch import launch
+
+    pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
+    gpus = list(range(torch.cuda.device_count())) if args.executor == "local" and torch.cuda.is_available() else None
+    runs, failures = launch(args.shards, args.executor, args.output, args.reports, benchmarks=args.benchmarks,
+                            pytest_args=pytest_args, timeout_min=args.timeout_min, partition=args.partition,
+                            gpus=gpus)
+    for run in runs:
+        print(f"shard {run.shard}: pytest exit {run.returncode}; {run.json_path}")
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    if runs:
+        print(f"merged {len(runs)} of {args.shards} shards into {args.reports}/")
+    return 1 if failures else 0
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("launch", help="run the matrix as N shard jobs (submitit: SLURM or local) and merge them")
+    p.add_argument("--shards", type=int, required=True, help="number of shards (jobs)")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm: a job per shard, one GPU each; local: processes on this machine (default: slurm)")
+    p.add_argument("--benchmarks", default="benchmarks", help="the benchmark folder (default: benchmarks)")
+    p.add_argument("-o", "--output", default="out/launch", help="shard results and job logs (default: out/launch)")
+    p.add_argument("--reports", default="out/launch/reports", help="the merged report's folder "
+                   "(default: out/launch/reports)")
+    p.add_argument("--timeout-min", type=int, default=60, help="each job's time limit in minutes (default: 60)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER,
+                   help="after --: options for each shard's pytest, e.g. -- --perfkit-profile=full")
+    p.set_defaults(func=_cmd_launch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="perfkit", description="Profile and optimize CNN building blocks: one "
@@ -229,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_baseline(sub)
     _add_memory(sub)
     _add_profile(sub)
+    _add_launch(sub)
     return parser
 
 

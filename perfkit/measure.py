@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from perfkit.device import device_identity
+from perfkit.gpu import DeviceClockRounds
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
 from perfkit.memory_model import MemoryPlan, format_bytes, plan_cell_memory
@@ -94,6 +95,22 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+@dataclass(frozen=True)
+class SyncedStep:
+    """One step's work followed by the device's synchronization; calling it runs both.
+
+    The two halves stay apart so a device clock (``perfkit.gpu.DeviceClockRounds``) can record its end
+    event after the work is queued and before the host waits.
+    """
+
+    work: Callable[[], None]
+    sync: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.work()
+        self.sync()
 
 
 def clock_rounds(step: Callable[[], None], n: int) -> list[float]:
@@ -318,6 +335,8 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     device = torch.device(device)
+    if device.type == "cuda" and not isinstance(run_rounds, DeviceClockRounds):
+        run_rounds = DeviceClockRounds(run_rounds, device)  # issue 14: the device clock beside the host's
     shape = entry.bench_shape if bench_shape else entry.test_shape
     tol_dtype = tolerance_dtype(variant, device)
     base: dict[str, Any] = dict(
@@ -437,9 +456,7 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
             f"correctness checked (relative error {result['rel_error']:.2e}); not timed: TRITON_INTERPRET=1 "
             "runs the kernels in the interpreter"))
 
-    def timed_step() -> None:
-        prepared.step()
-        sync()
+    timed_step = SyncedStep(prepared.step, sync)
 
     progress["stage"] = "warm-up"
     warmup_steps, warmup_s = warm_up(timed_step, policy)
@@ -453,6 +470,9 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
 
     progress["stage"] = "timing"
     times = adaptive_rounds(timed_step, policy, run_rounds)
+    if isinstance(run_rounds, DeviceClockRounds):  # issue 14: clocks, throttling, device times
+        times = run_rounds.retime_if_throttled(lambda: adaptive_rounds(timed_step, policy, run_rounds), times)
+        result.update(run_rounds.record_fields())
     median = statistics.median(times)
     mean = statistics.fmean(times)
     ci = median_ci_rel(times)

@@ -8,8 +8,9 @@ Selection (each option has an environment variable; the option wins):
 ==========================  ===================  ==========================================================
 option                      environment          meaning
 ==========================  ===================  ==========================================================
-``--perfkit-profile``       ``PERFKIT_PROFILE``  ``quick`` (CPU-sized; the default without a GPU) or
+``--perfkit-profile``       ``PERFKIT_PROFILE``  ``quick`` (CPU-sized; the default without a GPU),
                                                  ``full`` (benchmark shapes, every entry; default with one)
+                                                 or ``gpu-smoke`` (one call on one GPU, with its plan)
 ``--perfkit-blocks``        ``PERFKIT_BLOCKS``   comma list of names or globs (``basic,resnet*``)
 ``--perfkit-variants``      ``PERFKIT_VARIANTS`` comma list of variants (``eager,channels_last+bf16``)
 ``--perfkit-modes``         ``PERFKIT_MODES``    ``inference``, ``training`` or both
@@ -19,7 +20,14 @@ option                      environment          meaning
                                                  (default ``out/results.jsonl``)
 ``--perfkit-kernels``       ``PERFKIT_KERNELS``  kernel cells: comma list of kernels, or ``none``
                                                  (default: all; their variants are eager, compile, triton)
+``--perfkit-shard``         ``PERFKIT_SHARD``    ``K/N``: only shard K of N, balanced by estimated cost
+                                                 (``perfkit/shard.py``; the same split on every machine)
+``--perfkit-isolate``       ``PERFKIT_ISOLATE``  each block's cells in a fresh process (``perfkit/workers.py``)
 ==========================  ===================  ==========================================================
+
+A profile with a time limit (``gpu-smoke``) and a shard print the plan (every cell's estimated cost, the
+total; ``perfkit/plan.py``) after collection, ``--collect-only`` included, and a progress line per cell.
+Under pytest-xdist on a GPU, ``-n auto`` runs one worker per visible GPU, each seeing only its own.
 
 A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
 (``basic-channels_last+bf16-training-b32``) as usual.
@@ -50,6 +58,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +68,19 @@ import torch
 import perfkit
 from perfkit.device import default_device, device_identity
 from perfkit.measure import QUICK_POLICY, BenchmarkRounds, TimingPolicy, measure_cell
+from perfkit.plan import (
+    CEILINGS_S,
+    OTHER_TEST_S,
+    CellCost,
+    estimate_cell,
+    estimate_kernel_cell,
+    format_plan,
+    session_s,
+)
 from perfkit.record import Record, append_jsonl
+from perfkit.shard import assign_shards, parse_shard
 from perfkit.variants import MODES, parse_variant
+from perfkit.workers import WORKER_GPU_KEY, BlockProcess, visible_gpus, worker_gpu
 
 
 @dataclass(frozen=True)
@@ -80,6 +100,12 @@ class Profile:
     kernel_variants: tuple[str, ...] = ("eager", "compile", "triton")
     kernel_dtypes: tuple[str, ...] = ("float32",)
     kernel_layouts: tuple[str, ...] = ("nchw",)
+    inference_only: tuple[tuple[str, str], ...] = field(default=())
+    """(entry, variant) pairs left out of training: a network's first training compile costs a minute or more."""
+    ceilings: bool = False
+    """Measure the device's copy bandwidth and bf16 matmul in the run (benchmarks/test_ceilings.py)."""
+    time_limit_s: float | None = None
+    """The wall time the profile is sized for: its plan is printed and checked against it."""
 
 
 PROFILES = {
@@ -110,6 +136,29 @@ PROFILES = {
         policy=TimingPolicy(),
         kernel_dtypes=("float32", "bfloat16"),
         kernel_layouts=("nchw", "channels_last"),
+        ceilings=True,
+    ),
+    # One call on one H100/H200 (`make bench-gpu`), sized by perfkit/plan.py's cost model to stay under 7
+    # minutes with its first compiles: eager, channels_last, channels_last+bf16 and triton on the blocks and
+    # networks with fused kernels at batch 64; compile on each, in training too for the blocks only (a
+    # network's training compile is a minute or more); triton+compile on the two blocks whose kernels are
+    # the point (wrc, dense); the kernel cells in float32; the ceilings. Every compile in both modes (issue
+    # #14's whole list) estimates at 13.5 minutes.
+    "gpu-smoke": Profile(
+        blocks=("basic", "bottleneck", "wrc", "dense", "resnet50", "densenet121"),
+        variants=("eager", "channels_last", "channels_last+bf16", "triton"),
+        modes=MODES,
+        block_batches=(64,),
+        network_batches=(64,),
+        bench_shape=True,
+        policy=TimingPolicy(min_rounds=10, max_rounds=300, max_time_s=1.0, warmup_max_s=2.0),
+        extra_cells=(("basic", "compile"), ("bottleneck", "compile"), ("wrc", "compile"), ("dense", "compile"),
+                     ("resnet50", "compile"), ("densenet121", "compile"), ("wrc", "triton+compile"),
+                     ("dense", "triton+compile")),
+        inference_only=(("resnet50", "compile"), ("densenet121", "compile")),
+        kernel_variants=("eager", "triton"),
+        ceilings=True,
+        time_limit_s=7 * 60,
     ),
 }
 
@@ -127,7 +176,9 @@ OPTIONS = {
     "device": "PERFKIT_DEVICE",
     "jsonl": "PERFKIT_JSONL",
     "kernels": "PERFKIT_KERNELS",
+    "shard": "PERFKIT_SHARD",
 }
+ISOLATE_ENV = "PERFKIT_ISOLATE"
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
 KERNEL_ARGNAMES = ("kernel", "variant", "mode", "dtype", "layout")
 
@@ -145,10 +196,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "device": "torch device to measure on (default: cuda if available, else cpu)",
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
+        "shard": "K/N: run only shard K of N (1-based), cells balanced by estimated cost",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
                         help=f"{helps[name]}; env {env}")
+    group.addoption("--perfkit-isolate", dest="perfkit_isolate", action="store_true", default=None,
+                    help=f"measure each block's cells in a fresh process; env {ISOLATE_ENV}=1")
 
 
 def _option(config: pytest.Config, name: str) -> str | None:
@@ -176,8 +230,27 @@ class MatrixConfig:
     batches: list[int] | None
     jsonl: Path
     kernels: list[str]
+    shard: tuple[int, int] | None = None
+    isolate: bool = False
+    xdist_worker: bool = False
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    costs: dict[str, CellCost] = field(default_factory=dict)
+    """Estimated cost of each collected test, by node id (filled when a plan is shown or a shard taken)."""
+    block_process: BlockProcess | None = None
+    progress: dict = field(default_factory=dict)
+    """Cells done, cells planned, start time and estimated total, for the progress lines."""
+
+    @property
+    def shows_plan(self) -> bool:
+        """Whether the plan and the progress lines are printed: a profile with a time limit, or a shard."""
+        return self.profile.time_limit_s is not None or self.shard is not None
+
+    def isolation(self, kind: str) -> str:
+        """How a cell of ``kind`` was isolated: ``process``, ``worker`` (an xdist worker) or ``none``."""
+        if self.isolate and kind != "kernel":
+            return "process"
+        return "worker" if self.xdist_worker else "none"
 
     def cells(self) -> list[tuple[str, str, str, str, int]]:
         """(block, variant, mode, dtype, batch) of every cell, in a stable order."""
@@ -191,6 +264,8 @@ class MatrixConfig:
             for variant in variants:
                 dtype = parse_variant(variant).compute_dtype
                 for mode in self.modes:
+                    if mode == "training" and self.variants is None and (block, variant) in self.profile.inference_only:
+                        continue
                     for batch in batches:
                         cells.append((block, variant, mode, dtype, batch))
         return cells
@@ -268,8 +343,25 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-kernels: unknown kernel(s) {bad}; valid kernels: "
                                     f"{', '.join(KERNELS)} (or none)")
 
+    shard = None
+    shard_value = _option(config, "shard")
+    if shard_value:
+        try:
+            shard = parse_shard(shard_value)
+        except ValueError as error:
+            raise pytest.UsageError(f"--perfkit-shard: {error}") from None
+    isolate = bool(config.getoption("perfkit_isolate") or os.environ.get(ISOLATE_ENV) == "1")
+
+    if device.type == "cuda" and not hasattr(config, "workerinput"):
+        numprocesses = getattr(config.option, "numprocesses", None)  # pytest-xdist's -n, resolved by now
+        gpus = visible_gpus()
+        if isinstance(numprocesses, int) and numprocesses > len(gpus):
+            raise pytest.UsageError(f"-n {numprocesses}: only {len(gpus)} GPU(s) visible ({', '.join(gpus)}); each "
+                                    f"xdist worker owns one GPU, so run at most -n {len(gpus)} (or -n auto)")
+
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
-    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels)
+    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, shard,
+                        isolate, xdist_worker=hasattr(config, "workerinput"))
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -278,7 +370,102 @@ def pytest_configure(config: pytest.Config) -> None:
     # --benchmark-json (which always has them), since `perfkit compare` works on the rounds.
     if hasattr(config.option, "benchmark_save_data"):
         config.option.benchmark_save_data = True
+    # An xdist worker given a GPU by the controller sees only that one; set before CUDA starts here.
+    gpu = getattr(config, "workerinput", {}).get(WORKER_GPU_KEY)
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     config.stash[_STATE] = _resolve(config)
+    if config.stash[_STATE].shows_plan:
+        config.pluginmanager.register(ProgressLines(config), "perfkit-progress")
+
+
+# --- issue 14: one GPU per xdist worker, the plan, shards and progress lines (perfkit/workers.py, plan.py,
+# shard.py); everything from here to file_record.
+
+
+def _wants_cuda(config: pytest.Config) -> bool:
+    device = _option(config, "device")
+    return device.startswith("cuda") if device else torch.cuda.is_available()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` on a GPU: one worker per visible GPU (elsewhere xdist's own count)."""
+    if not _wants_cuda(config):
+        return None
+    return len(visible_gpus()) or None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """Give xdist worker gwK the K-th visible GPU, when the matrix runs on CUDA."""
+    if node.config.stash[_STATE].device.type == "cuda":
+        node.workerinput[WORKER_GPU_KEY] = worker_gpu(node.gateway.id, visible_gpus())
+
+
+def _item_cost(matrix: MatrixConfig, item: pytest.Item) -> CellCost:
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    name = item.name
+    if "block" in params:
+        policy = matrix.profile.policy
+        return estimate_cell(name, params["block"], params["variant"], params["mode"], params["batch"],
+                             bench_shape=matrix.profile.bench_shape, min_rounds=policy.min_rounds,
+                             max_time_s=policy.max_time_s, warmup_batch_s=policy.warmup_batch_s)
+    if "kernel" in params:
+        return estimate_kernel_cell(name, params["variant"], params["mode"])
+    return CellCost(name, 0.0, CEILINGS_S if name == "test_ceilings" else OTHER_TEST_S, 0.0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # First, before -k and -m deselect: a shard is a function of the whole collection, the same everywhere.
+    matrix: MatrixConfig = config.stash[_STATE]
+    if not matrix.shows_plan:
+        return
+    matrix.costs = {item.nodeid: _item_cost(matrix, item) for item in items}
+    if matrix.shard is None:
+        return
+    k, n = matrix.shard
+    assignment = assign_shards({nodeid: cost.total_s for nodeid, cost in matrix.costs.items()}, n)
+    keep = [item for item in items if assignment[item.nodeid] == k]
+    config.hook.pytest_deselected(items=[item for item in items if assignment[item.nodeid] != k])
+    items[:] = keep
+
+
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> list[str]:
+    matrix: MatrixConfig = config.stash[_STATE]
+    if not matrix.shows_plan or not items:
+        return []
+    costs = [matrix.costs[item.nodeid] for item in items if item.nodeid in matrix.costs]
+    triton = any("triton" in c.cell for c in costs)
+    header = [f"perfkit shard {matrix.shard[0]}/{matrix.shard[1]}"] if matrix.shard else []
+    matrix.progress = {"done": 0, "total": len(items), "start": time.perf_counter(),
+                       "estimate_s": sum(c.total_s for c in costs) + session_s(costs, triton)}
+    return header + format_plan(costs, session_s(costs, triton), limit_s=matrix.profile.time_limit_s)
+
+
+class ProgressLines:
+    """Registered when the plan is shown: a line per finished cell with its outcome, estimate and the run's time."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not (report.when == "call" or (report.when == "setup" and not report.passed)):
+            return
+        matrix: MatrixConfig = self.config.stash[_STATE]
+        progress = matrix.progress
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if not progress or reporter is None:
+            return
+        progress["done"] += 1
+        cost = matrix.costs.get(report.nodeid)
+        elapsed = time.perf_counter() - progress["start"]
+        outcome = "xfail" if hasattr(report, "wasxfail") else report.outcome
+        reporter.write_line(
+            f"[{progress['done']}/{progress['total']}] {report.nodeid.split('::')[-1]}: {outcome} in "
+            f"{report.duration:.1f} s (estimate {cost.total_s if cost else 0:.1f} s); run {elapsed:.0f} s of an "
+            f"estimated {progress['estimate_s']:.0f} s")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -291,8 +478,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(KERNEL_ARGNAMES, cells, ids=["-".join(cell) for cell in cells])
 
 
+# --- end of issue 14's hooks
+
+
 def file_record(matrix: MatrixConfig, benchmark, record: Record) -> Record:
     """Store ``record`` in extra_info and the JSON-lines file; skip or xfail the test if it was not timed."""
+    record.isolation = matrix.isolation(record.kind)
+    record.shard = f"{matrix.shard[0]}/{matrix.shard[1]}" if matrix.shard else None
     benchmark.extra_info.update(record.to_dict())
     append_jsonl(matrix.jsonl, record)
     if record.status == "skipped":
@@ -311,11 +503,26 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
 
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
-        record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
-                              policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark))
+        if matrix.isolate:
+            if matrix.block_process is None:
+                matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy)
+            record = matrix.block_process.measure(block, variant, mode, batch)
+            store_rounds(benchmark, record.times_s)
+        else:
+            record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
+                                  policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark))
         return file_record(matrix, benchmark, record)
 
     return measure
+
+
+def store_rounds(benchmark, times_s: list[float]) -> None:
+    """Put rounds timed in another process into pytest-benchmark's stats, so ``stats.data`` is ``times_s``."""
+    if benchmark.disabled or not times_s:
+        return
+    # pedantic is the public way to create the stats; its no-op rounds are then replaced by the real ones.
+    benchmark.pedantic(lambda: None, rounds=len(times_s), iterations=1, warmup_rounds=0)
+    benchmark.stats.stats.data[:] = times_s
 
 
 @pytest.fixture
@@ -344,11 +551,14 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Write ``--benchmark-json`` when no cell was timed: pytest-benchmark then writes nothing ("no benchmarks
-    have been run"), yet the skipped, failed and OOM cells are the run's results. Runs after pytest-benchmark's
-    own hook (a wrapper that saves before yielding)."""
-    bench = getattr(session.config, "_benchmarksession", None)
+    """Close the isolated block's worker process (``--perfkit-isolate``), and write ``--benchmark-json`` when no
+    cell was timed: pytest-benchmark then writes nothing ("no benchmarks have been run"), yet the skipped,
+    failed and OOM cells are the run's results. Runs after pytest-benchmark's own hook (a wrapper that saves
+    before yielding)."""
     matrix = session.config.stash.get(_STATE, None)
+    if matrix is not None and matrix.block_process is not None:
+        matrix.block_process.close()
+    bench = getattr(session.config, "_benchmarksession", None)
     if bench is None or not bench.json or bench.benchmarks or matrix is None or not (matrix.skipped or matrix.failed):
         return
     hook = session.config.hook

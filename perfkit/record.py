@@ -83,6 +83,23 @@ class Record:
     grad_rel_error: float | None = None
     """Training cells: relative error of all parameter (and, for blocks, input) gradients, flattened."""
     grad_tolerance: float | None = None
+    # GPU-grade measurement (perfkit/gpu.py) and scale-out (perfkit/shard.py)
+    device_times_s: list[float] | None = None
+    """CUDA: one device-clock round per host round (``times_s``), the step's kernels without launch gaps."""
+    device_time_median_s: float | None = None
+    device_timer: str | None = None
+    device_rounds_uncovered: int | None = None
+    """Device rounds whose spin kernel ended before the host had enqueued the step (their time has gaps)."""
+    launch_bound: bool | None = None
+    """Host median > 1.2 x device median: the GPU idles waiting for launches (CUDA graphs pay)."""
+    throttled: bool | None = None
+    """SM clock under 75% of the application clock during timing, also on the re-timing; None: unknown."""
+    clocks: dict[str, Any] | None = None
+    """NVML samples of SM clock, power, temperature and throttle reasons, or why none were taken."""
+    isolation: str | None = None
+    """``none`` (one pytest process) or ``process`` (a fresh process per block, ``--perfkit-isolate``)."""
+    shard: str | None = None
+    """``K/N`` when the run was one shard of the matrix (``--perfkit-shard``)."""
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:
