@@ -41,6 +41,7 @@ that calls :func:`dense_block`. Nothing runs at import time besides defining the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -49,6 +50,9 @@ import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the kernels read and write; they accumulate in float32, so float64 is refused, not degraded."""
 
 _REDUCTION_PROGRAMS = 512
 """Programs a split reduction aims for: a few per SM on an H100 (132 SMs), so a layer whose few channel
@@ -612,29 +616,78 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
     return _BlockForward(buffer, channel_mean, channel_var, bottleneck_saved, conv_dtype)
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where a tensor went in ``ctx.saved_tensors``: the autograd Function's layout keeps these, not tensors."""
+
+    index: int
+
+
+def _pack(value, saved: list[torch.Tensor]):
+    """``value`` with every tensor appended to ``saved`` and replaced by its :class:`_Slot`."""
+    if isinstance(value, torch.Tensor):
+        saved.append(value)
+        return _Slot(len(saved) - 1)
+    if isinstance(value, NormState):
+        if value.training:
+            # Backward never reads a training norm's running statistics; saving them would only make a
+            # later in-place running update look like a modified saved tensor.
+            return dataclasses.replace(value, running_mean=None, running_var=None)
+        return dataclasses.replace(value, running_mean=_pack(value.running_mean, saved),
+                                   running_var=_pack(value.running_var, saved))
+    if isinstance(value, DenseLayerTensors):
+        return DenseLayerTensors(*(_pack(v, saved) for v in value))
+    if isinstance(value, _BlockForward):
+        return dataclasses.replace(value, channel_mean=_pack(value.channel_mean, saved),
+                                   channel_var=_pack(value.channel_var, saved),
+                                   bottleneck=_pack(value.bottleneck, saved))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_pack(v, saved) for v in value)
+    return value
+
+
+def _unpack(value, saved: Sequence[torch.Tensor]):
+    """Inverse of :func:`_pack`, given ``ctx.saved_tensors``."""
+    if isinstance(value, _Slot):
+        return saved[value.index]
+    if isinstance(value, NormState):
+        return dataclasses.replace(value, running_mean=_unpack(value.running_mean, saved),
+                                   running_var=_unpack(value.running_var, saved))
+    if isinstance(value, DenseLayerTensors):
+        return DenseLayerTensors(*(_unpack(v, saved) for v in value))
+    if isinstance(value, _BlockForward):
+        return dataclasses.replace(value, channel_mean=_unpack(value.channel_mean, saved),
+                                   channel_var=_unpack(value.channel_var, saved),
+                                   bottleneck=_unpack(value.bottleneck, saved))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unpack(v, saved) for v in value)
+    return value
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     """The whole dense block as one autograd node; inputs: x, the layer specs, then every parameter."""
 
     @staticmethod
     def forward(ctx, x, layers, *params):
         state = _dense_block_forward(x, layers, keep_for_backward=True)
-        # The buffer is the output and saved as such; params are inputs. The statistics and each BC
-        # layer's h are intermediates no one else holds, so they ride on ctx.
-        # The buffer leaves ctx.state: an output held on ctx (not through save_for_backward) would make a
-        # reference cycle output -> grad_fn -> ctx -> output and skip the version check.
-        ctx.save_for_backward(state.buffer)
         buffer, state.buffer = state.buffer, None
-        ctx.state = state
-        ctx.layers = layers
+        # Every tensor backward reads goes through save_for_backward: the buffer (the output), the
+        # parameters, the batch statistics, eval-mode running statistics and each BC layer's h. Autograd's
+        # version counters then catch an in-place change before backward (an optimizer step inside a
+        # gradient-accumulation loop), and saved_tensors_hooks (offloading, checkpointing) see all of it.
+        # ctx keeps only the layout, with slots in place of tensors.
+        saved = [buffer]
+        ctx.layout = _pack((layers, state), saved)
+        ctx.save_for_backward(*saved)
         ctx.in_channels = x.shape[1]
         return buffer
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (buffer,) = ctx.saved_tensors
-        state: _BlockForward = ctx.state
-        layers: Sequence[DenseLayerTensors] = ctx.layers
+        saved = ctx.saved_tensors
+        buffer = saved[0]
+        layers, state = _unpack(ctx.layout, saved)
         c_in = ctx.in_channels
         growth = (buffer.shape[1] - c_in) // len(layers)
         # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
@@ -690,6 +743,10 @@ def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
 
 def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
     _check_4d(x, "x")
+    if x.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the fused dense block supports float32, bfloat16 and float16 (its "
+                        "kernels accumulate in float32, so float64 would silently lose precision: use the "
+                        "reference DenseBlock for float64)")
     if not layers:
         raise ValueError("a dense block needs at least one layer")
     bottleneck = layers[0].bottleneck

@@ -72,7 +72,11 @@ class FusedDenseBlock(nn.Module):
             norm.num_batches_tracked.add_(1)
             if norm.momentum is None:
                 momentum = 1.0 / float(norm.num_batches_tracked)
-        return NormState(norm.training, norm.running_mean, norm.running_var, momentum, norm.eps)
+        # nn.BatchNorm2d passes its buffers only when `not training or track_running_stats`: a training
+        # BatchNorm that does not track statistics normalizes with the batch's and leaves the buffers alone.
+        pass_running = not norm.training or norm.track_running_stats
+        return NormState(norm.training, norm.running_mean if pass_running else None,
+                         norm.running_var if pass_running else None, momentum, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from perfkit.kernels.dense import DenseLayerTensors, dense_block
