@@ -19,6 +19,9 @@ option                      environment          meaning
                                                  (default ``out/results.jsonl``)
 ``--perfkit-kernels``       ``PERFKIT_KERNELS``  kernel cells: comma list of kernels, or ``none``
                                                  (default: all; their variants are eager, compile, triton)
+``--perfkit-import``        ``PERFKIT_IMPORT``   comma list of modules whose ``@perfkit.register`` calls add
+                                                 blocks (a user's own models); installed packages may also
+                                                 expose them through the ``perfkit.blocks`` entry points
 ==========================  ===================  ==========================================================
 
 A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
@@ -60,6 +63,7 @@ import perfkit
 from perfkit.device import default_device, device_identity
 from perfkit.measure import QUICK_POLICY, BenchmarkRounds, TimingPolicy, measure_cell
 from perfkit.record import Record, append_jsonl
+from perfkit.registry import ENTRY_POINT_GROUP, IMPORT_ENV, import_modules, plugin_errors
 from perfkit.variants import MODES, parse_variant
 
 
@@ -127,6 +131,7 @@ OPTIONS = {
     "device": "PERFKIT_DEVICE",
     "jsonl": "PERFKIT_JSONL",
     "kernels": "PERFKIT_KERNELS",
+    "import": "PERFKIT_IMPORT",
 }
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
 KERNEL_ARGNAMES = ("kernel", "variant", "mode", "dtype", "layout")
@@ -145,6 +150,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "device": "torch device to measure on (default: cuda if available, else cpu)",
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
+        "import": "comma-separated modules to import first; their @perfkit.register calls add blocks",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -202,7 +208,20 @@ class MatrixConfig:
                 for d in self.profile.kernel_dtypes for layout in self.profile.kernel_layouts]
 
 
+def _import_blocks(config: pytest.Config) -> None:
+    """Import ``--perfkit-import``'s modules; exported, so subprocesses (workers, isolated cells) see them too."""
+    modules = _option(config, "import")
+    if not modules:
+        return
+    try:
+        import_modules(modules)
+    except ImportError as error:
+        raise pytest.UsageError(f"--perfkit-import: {error}") from None
+    os.environ[IMPORT_ENV] = modules
+
+
 def _resolve(config: pytest.Config) -> MatrixConfig:
+    _import_blocks(config)
     valid_names = perfkit.list_blocks()
     device_name = _option(config, "device")
     try:
@@ -279,6 +298,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config.option, "benchmark_save_data"):
         config.option.benchmark_save_data = True
     config.stash[_STATE] = _resolve(config)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name each ``perfkit.blocks`` entry point that failed to load, with its error; the rest of the run goes on."""
+    return [f"perfkit: {ENTRY_POINT_GROUP} entry point {name} failed to load: {error}"
+            for name, error in plugin_errors().items()]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
