@@ -11,9 +11,10 @@ of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation 
 * **One kernel for BN+ReLU of the prefix** (``_bn_relu_fwd_kernel``) writes the convolution's input
   directly, in the convolution's dtype.
 * **Batch statistics once per channel.** A channel's batch mean and variance do not depend on which
-  layer normalizes it, so they are computed once, when the channel is written (``_bn_stats_kernel``,
-  Chan/Welford merges in float32), and every later layer reuses them with its own ``eps``, weight, bias
-  and running-statistics update. Layer ``l``'s forward then reads its prefix once, not three times.
+  layer normalizes it, so they are computed once, when the channel is written (the statistics kernels of
+  :mod:`perfkit.kernels.wrc`, Chan/Welford merges in float32), and every later layer reuses them with its
+  own ``eps``, weight, bias and running-statistics update. Layer ``l``'s forward then reads its prefix
+  once, not three times.
 * **Recompute in backward.** :class:`_DenseBlockFunction` is one autograd node for the whole block. It
   saves the buffer (the block's output, which is needed anyway), the per-channel batch statistics, and
   for BC layers the 1×1 bottleneck output ``h`` (``4k`` channels, a fixed amount per layer) with its
@@ -51,6 +52,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from . import wrc as _wrc
+
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Dtypes the kernels read and write; they accumulate in float32, so float64 is refused, not degraded."""
 
@@ -74,78 +77,6 @@ def _row_offsets(rows, H, W, stride_n, stride_h, stride_w):
     h = rem // W
     w = rem - h * W
     return n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
-
-
-@triton.jit
-def _bn_stats_kernel(x_ptr, partial_ptr, mean_ptr, var_ptr, C, H, W, R, rows_per_split,
-                     sx_n, sx_c, sx_h, sx_w,
-                     SINGLE_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel (count, mean, M2) of one split of the rows, merged tile by tile (Chan et al.).
-
-    With a single split (few rows against many channel blocks) it writes mean and biased variance directly
-    and the combine launch is skipped.
-    """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    split = tl.num_programs(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    col_off = cols.to(tl.int64) * sx_c
-    r_start = pid_s * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_mask = rows < r_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + col_off[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.sum(row_mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        centered = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centered * centered, axis=0)
-        # Merging centred moments (never sum and sum of squares) keeps the variance exact when the mean
-        # is large against the spread.
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
-    if SINGLE_SPLIT:
-        tl.store(mean_ptr + cols, mean, mask=col_mask)
-        tl.store(var_ptr + cols, m2 / count, mask=col_mask)
-    else:
-        base = partial_ptr + pid_s * C + cols
-        tl.store(base, count, mask=col_mask)
-        tl.store(base + split * C, mean, mask=col_mask)
-        tl.store(base + 2 * split * C, m2, mask=col_mask)
-
-
-@triton.jit
-def _bn_stats_combine_kernel(partial_ptr, mean_ptr, var_ptr, C, SPLIT, BLOCK_C: tl.constexpr):
-    """Merge the splits' (count, mean, M2) into each channel's mean and biased variance."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        base = partial_ptr + s * C + cols
-        part_count = tl.load(base, mask=col_mask, other=0.0)
-        part_mean = tl.load(base + SPLIT * C, mask=col_mask, other=0.0)
-        part_m2 = tl.load(base + 2 * SPLIT * C, mask=col_mask, other=0.0)
-        new_count = count + part_count
-        # A split past the last row has count 0; dividing by 1 instead leaves the running moments as they are.
-        ratio = part_count / tl.where(new_count > 0, new_count, 1.0)
-        delta = part_mean - mean
-        mean += delta * ratio
-        m2 += part_m2 + delta * delta * count * ratio
-        count = new_count
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    # Columns past C have count 0 and are not stored; the guard only keeps them from dividing 0 by 0.
-    tl.store(var_ptr + cols, m2 / tl.where(count > 0, count, 1.0), mask=col_mask)
 
 
 @triton.jit
@@ -325,20 +256,11 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch_norm_stats_into(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """Write x's per-channel mean and biased variance into the float32 vectors ``mean`` and ``var``."""
-    n, c, h, w = x.shape
-    rows = n * h * w
-    block_r, block_c = _tile(x)
-    channel_blocks = triton.cdiv(c, block_c)
-    splits, rows_per_split = _split(rows, block_r, channel_blocks)
-    partial = _alloc((3, splits, c), torch.float32, x.device) if splits > 1 else mean
-    _bn_stats_kernel[(channel_blocks, splits)](x, partial, mean, var, c, h, w, rows, rows_per_split, *_strides(x),
-                                               SINGLE_SPLIT=splits == 1, BLOCK_R=block_r, BLOCK_C=block_c)
-    if splits == 1:
-        return
-    combine_block = min(1024, triton.next_power_of_2(c))
-    _bn_stats_combine_kernel[(triton.cdiv(c, combine_block),)](partial, mean, var, c, splits,
-                                                               BLOCK_C=combine_block)
+    """Write x's per-channel mean and biased variance into the float32 vectors ``mean`` and ``var``.
+
+    The statistics kernels are :mod:`perfkit.kernels.wrc`'s: one implementation for both fused blocks.
+    """
+    _wrc.batch_norm_stats_into(x, mean, var)
 
 
 def bn_relu_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,

@@ -53,7 +53,7 @@ except ImportError as error:  # pragma: no cover - exercised only where triton i
 
 from . import _library
 
-__all__ = ["bytes_moved", "wrc_epilogue"]
+__all__ = ["batch_norm_stats_into", "bytes_moved", "wrc_epilogue"]
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -504,16 +504,19 @@ def _check_inputs(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def _batch_stats(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                 momentum: float | None, num_batches_tracked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance (float32); updates the running statistics if given."""
+                 momentum: float | None, num_batches_tracked: torch.Tensor | None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (float32, into ``out`` if given); updates the running
+    statistics if given."""
     space = _Space([y])
     channels, device = space.channels, y.device
     tiles_per_program, partials = _reduction_split(space.tiles)
     count_part = _allocate((partials, channels), torch.float32, device)
     mean_part = _allocate((partials, channels), torch.float32, device)
     m2_part = _allocate((partials, channels), torch.float32, device)
-    mean = _allocate((channels,), torch.float32, device)
-    var = _allocate((channels,), torch.float32, device)
+    if out is None:
+        out = (_allocate((channels,), torch.float32, device), _allocate((channels,), torch.float32, device))
+    mean, var = out
     grid = (partials, space.channel_blocks)
     _library.launch(_bn_stats_kernel)[grid](
         y, count_part, mean_part, m2_part, space.batch, channels, space.spatial, *space.stride_args(),
@@ -707,6 +710,16 @@ def wrc_epilogue(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: t
     else:
         mean, var = running_mean, running_var
     return torch.ops.perfkit.wrc_epilogue(y, s, mean, var, weight, bias, alpha, beta, training, eps)
+
+
+def batch_norm_stats_into(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write y's per-channel batch mean and biased variance into the contiguous float32 vectors ``mean`` and ``var``.
+
+    The one BatchNorm-statistics kernel pair (``_bn_stats_kernel``, ``_bn_stats_finalize_kernel``) of both
+    fused blocks: the dense block calls this for each channel slice it writes. ``y`` may be any channel or
+    batch slice of a dense tensor (read in place).
+    """
+    _batch_stats(_mergeable(y), None, None, None, None, out=(mean, var))
 
 
 def bytes_moved(y: torch.Tensor, training: bool, *, backward: bool = False) -> int:
