@@ -15,7 +15,7 @@ of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation 
   :mod:`perfkit.kernels.wrc`, Chan/Welford merges in float32), and every later layer reuses them with its
   own ``eps``, weight, bias and running-statistics update. Layer ``l``'s forward then reads its prefix
   once, not three times.
-* **Recompute in backward.** :class:`_DenseBlockFunction` is one autograd node for the whole block. It
+* **Recompute in backward.** The op ``perfkit::dense_block_forward`` is one autograd node for the block. It
   saves the buffer (the block's output, which is needed anyway), the per-channel batch statistics, and
   for BC layers the 1×1 bottleneck output ``h`` (``4k`` channels, a fixed amount per layer) with its
   statistics. It does not save any normalized prefix or any concat: backward walks the layers in reverse,
@@ -42,7 +42,6 @@ that calls :func:`dense_block`. Nothing runs at import time besides defining the
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -52,6 +51,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from . import _library
 from . import wrc as _wrc
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -468,10 +468,11 @@ class _BlockForward:
     """What a forward leaves for backward: the buffer, the channel statistics, each BC layer's h and stats."""
 
     buffer: torch.Tensor | None
-    """The block's output; the autograd Function moves it to save_for_backward and leaves None here."""
     channel_mean: torch.Tensor | None
+    """Batch mean of every channel a norm1 reads (all but the last layer's output), float32; None in eval."""
     channel_var: torch.Tensor | None
-    bottleneck: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+    bottleneck: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None]
+    """Per layer: None (plain), or (h if kept for backward, norm2's mean, norm2's var)."""
     conv_dtype: torch.dtype
 
 
@@ -487,24 +488,34 @@ def _norm_inputs(layer_norm: NormState, channel_mean: torch.Tensor | None, chann
     return layer_norm.running_mean, layer_norm.running_var, False
 
 
-def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
-                         keep_for_backward: bool) -> _BlockForward:
+def _growth(layers: Sequence[DenseLayerTensors]) -> int:
+    return layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
+
+
+def _stats_channels(c_in: int, layers: Sequence[DenseLayerTensors]) -> int:
+    """Channels whose batch statistics a norm1 reads: all but the last layer's output (0 if none uses them)."""
+    if not any(_uses_batch_stats(layer.norm1) for layer in layers):
+        return 0
+    return _layer_channels(c_in, _growth(layers), len(layers) - 1)
+
+
+def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], keep_for_backward: bool,
+                         conv_dtype: torch.dtype) -> _BlockForward:
+    """The block's forward; running statistics are not touched (the caller updates them from the outputs)."""
     n, c_in, h, w = x.shape
-    growth = layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
+    growth = _growth(layers)
     c_out = _layer_channels(c_in, growth, len(layers))
     buffer = _alloc((n, c_out, h, w), x.dtype, x.device, _memory_format(x))
     buffer[:, :c_in].copy_(x)
-    conv_dtype = _conv_dtype(x)
-    rows = n * h * w
-    batch_stats_needed = any(_uses_batch_stats(layer.norm1) for layer in layers)
+    stats_channels = _stats_channels(c_in, layers)
     channel_mean = channel_var = None
-    if batch_stats_needed:
-        if rows < 2:
+    if stats_channels:
+        if n * h * w < 2:
             raise ValueError(f"batch statistics need more than 1 value per channel; got input {tuple(x.shape)}")
-        channel_mean = _alloc((c_out,), torch.float32, x.device)
-        channel_var = _alloc((c_out,), torch.float32, x.device)
+        channel_mean = _alloc((stats_channels,), torch.float32, x.device)
+        channel_var = _alloc((stats_channels,), torch.float32, x.device)
         _batch_norm_stats_into(x, channel_mean[:c_in], channel_var[:c_in])
-    bottleneck_saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    bottleneck_saved: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = []
     # The convolutions run in conv_dtype explicitly (autocast's choice), so backward can repeat them exactly.
     with torch.autocast(x.device.type, enabled=False):
         for index, layer in enumerate(layers):
@@ -512,10 +523,7 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
             prefix = buffer[:, :c]
             norm1 = layer.norm1
             mean, var, _ = _norm_inputs(norm1, channel_mean, channel_var, c)
-            running = (norm1.running_mean, norm1.running_var, norm1.momentum) \
-                if norm1.training and norm1.running_mean is not None else None
-            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype,
-                              running=running)
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype)
             out = _conv_forward(z, layer.conv1_weight)
             del z
             saved = None
@@ -523,137 +531,225 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
                 hidden = out
                 norm2 = layer.norm2
                 a, mean2, var2, _ = _bn_relu_forward(hidden, layer.norm2_weight, layer.norm2_bias, norm2.running_mean,
-                                                     norm2.running_var, norm2.training, norm2.momentum,
-                                                     norm2.eps)
+                                                     norm2.running_var, norm2.training, None, norm2.eps)
                 out = _conv_forward(a, layer.conv2_weight)
                 del a
-                if keep_for_backward:
-                    saved = (hidden, mean2, var2)
+                saved = (hidden if keep_for_backward else None, mean2, var2)
             bottleneck_saved.append(saved)
             buffer[:, c:c + growth].copy_(out)
-            if batch_stats_needed and index + 1 < len(layers):
+            if c + growth <= stats_channels:
                 # From the buffer, not `out`: the statistics must be those of the stored (rounded) channels.
                 _batch_norm_stats_into(buffer[:, c:c + growth], channel_mean[c:c + growth],
                                        channel_var[c:c + growth])
     return _BlockForward(buffer, channel_mean, channel_var, bottleneck_saved, conv_dtype)
 
 
-@dataclass(frozen=True)
-class _Slot:
-    """Where a tensor went in ``ctx.saved_tensors``: the autograd Function's layout keeps these, not tensors."""
-
-    index: int
-
-
-def _pack(value, saved: list[torch.Tensor]):
-    """``value`` with every tensor appended to ``saved`` and replaced by its :class:`_Slot`."""
-    if isinstance(value, torch.Tensor):
-        saved.append(value)
-        return _Slot(len(saved) - 1)
-    if isinstance(value, NormState):
-        if value.training:
-            # Backward never reads a training norm's running statistics; saving them would only make a
-            # later in-place running update look like a modified saved tensor.
-            return dataclasses.replace(value, running_mean=None, running_var=None)
-        return dataclasses.replace(value, running_mean=_pack(value.running_mean, saved),
-                                   running_var=_pack(value.running_var, saved))
-    if isinstance(value, DenseLayerTensors):
-        return DenseLayerTensors(*(_pack(v, saved) for v in value))
-    if isinstance(value, _BlockForward):
-        return dataclasses.replace(value, channel_mean=_pack(value.channel_mean, saved),
-                                   channel_var=_pack(value.channel_var, saved),
-                                   bottleneck=_pack(value.bottleneck, saved))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_pack(v, saved) for v in value)
-    return value
-
-
-def _unpack(value, saved: Sequence[torch.Tensor]):
-    """Inverse of :func:`_pack`, given ``ctx.saved_tensors``."""
-    if isinstance(value, _Slot):
-        return saved[value.index]
-    if isinstance(value, NormState):
-        return dataclasses.replace(value, running_mean=_unpack(value.running_mean, saved),
-                                   running_var=_unpack(value.running_var, saved))
-    if isinstance(value, DenseLayerTensors):
-        return DenseLayerTensors(*(_unpack(v, saved) for v in value))
-    if isinstance(value, _BlockForward):
-        return dataclasses.replace(value, channel_mean=_unpack(value.channel_mean, saved),
-                                   channel_var=_unpack(value.channel_var, saved),
-                                   bottleneck=_unpack(value.bottleneck, saved))
-    if isinstance(value, (list, tuple)):
-        return type(value)(_unpack(v, saved) for v in value)
-    return value
-
-
-class _DenseBlockFunction(torch.autograd.Function):
-    """The whole dense block as one autograd node; inputs: x, the layer specs, then every parameter."""
-
-    @staticmethod
-    def forward(ctx, x, layers, *params):
-        state = _dense_block_forward(x, layers, keep_for_backward=True)
-        buffer, state.buffer = state.buffer, None
-        # Every tensor backward reads goes through save_for_backward: the buffer (the output), the
-        # parameters, the batch statistics, eval-mode running statistics and each BC layer's h. Autograd's
-        # version counters then catch an in-place change before backward (an optimizer step inside a
-        # gradient-accumulation loop), and saved_tensors_hooks (offloading, checkpointing) see all of it.
-        # ctx keeps only the layout, with slots in place of tensors.
-        saved = [buffer]
-        ctx.layout = _pack((layers, state), saved)
-        ctx.save_for_backward(*saved)
-        ctx.in_channels = x.shape[1]
-        return buffer
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        buffer = saved[0]
-        layers, state = _unpack(ctx.layout, saved)
-        c_in = ctx.in_channels
-        growth = (buffer.shape[1] - c_in) // len(layers)
-        # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
-        # complete once every later layer has been walked, which is when its own layer is reached.
-        grad_buffer = grad_out.clone(memory_format=_memory_format(buffer))
-        grads_per_layer = []
-        with torch.autocast(buffer.device.type, enabled=False):
-            for index in reversed(range(len(layers))):
-                layer = layers[index]
-                c = _layer_channels(c_in, growth, index)
-                grad_out_l = grad_buffer[:, c:c + growth]
-                grads = {}
-                if layer.bottleneck:
-                    hidden, mean2, var2 = state.bottleneck[index]
-                    a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
-                    grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
-                    del a
-                    batch2 = _uses_batch_stats(layer.norm2)
-                    grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
-                        hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
-                        batch_stats=batch2)
-                    del grad_a
-                    grad_out_l = grad_hidden
-                prefix = buffer[:, :c]
-                mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c)
-                z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
-                                  state.conv_dtype)
-                grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
-                del z, grad_out_l
-                need_grad_prefix = index > 0 or ctx.needs_input_grad[0]
-                _, grads["norm1_weight"], grads["norm1_bias"] = bn_relu_backward(
-                    prefix, grad_z, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
-                    batch_stats=batch_stats, grad_x_accumulate=grad_buffer[:, :c], need_grad_x=need_grad_prefix)
-                del grad_z
-                grads_per_layer.append(grads)
-        grads_per_layer.reverse()
-        param_grads = []
-        for layer, grads in zip(layers, grads_per_layer, strict=True):
-            param_grads += [grads["norm1_weight"], grads["norm1_bias"], grads["conv1"]]
+def _dense_block_backward(grad_out: torch.Tensor, buffer: torch.Tensor, layers: Sequence[DenseLayerTensors],
+                          state: _BlockForward, need_grad_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(grad_x, parameter gradients in :func:`_layer_params` order): the layers walked in reverse."""
+    c_in = buffer.shape[1] - len(layers) * _growth(layers)
+    growth = _growth(layers)
+    # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
+    # complete once every later layer has been walked, which is when its own layer is reached.
+    grad_buffer = grad_out.clone(memory_format=_memory_format(buffer))
+    grads_per_layer = []
+    with torch.autocast(buffer.device.type, enabled=False):
+        for index in reversed(range(len(layers))):
+            layer = layers[index]
+            c = _layer_channels(c_in, growth, index)
+            grad_out_l = grad_buffer[:, c:c + growth]
+            grads = {}
             if layer.bottleneck:
-                param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
-        grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) \
-            if ctx.needs_input_grad[0] else None
-        return (grad_x, None, *param_grads)
+                hidden, mean2, var2 = state.bottleneck[index]
+                a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
+                grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
+                del a
+                grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
+                    hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
+                    batch_stats=_uses_batch_stats(layer.norm2))
+                del grad_a
+                grad_out_l = grad_hidden
+            prefix = buffer[:, :c]
+            mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c)
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                              state.conv_dtype)
+            grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
+            del z, grad_out_l
+            _, grads["norm1_weight"], grads["norm1_bias"] = bn_relu_backward(
+                prefix, grad_z, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                batch_stats=batch_stats, grad_x_accumulate=grad_buffer[:, :c], need_grad_x=index > 0 or need_grad_x)
+            del grad_z
+            grads_per_layer.append(grads)
+    grads_per_layer.reverse()
+    param_grads = []
+    for layer, grads in zip(layers, grads_per_layer, strict=True):
+        param_grads += [grads["norm1_weight"], grads["norm1_bias"], grads["conv1"]]
+        if layer.bottleneck:
+            param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
+    grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) if need_grad_x else None
+    return grad_x, param_grads
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dense block as ops: perfkit::dense_block_forward (functional, autograd registered on it) and
+# perfkit::dense_block_backward, each with a fake implementation. The layers travel as flat lists: the
+# parameters in _layer_params order, and per BatchNorm (norm1, then norm2 for BC layers) whether it uses
+# batch statistics, its eps, and its running mean and variance (None where batch statistics are used).
+# The running statistics are not mutated by the op: dense_block updates them from the op's batch
+# statistics with torch ops, which keeps the op functional (autograd cannot be registered on a mutating op).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _layers_from(params: Sequence[torch.Tensor], stats: Sequence[torch.Tensor | None], norm_batch: Sequence[bool],
+                 eps: Sequence[float], bottleneck: bool) -> list[DenseLayerTensors]:
+    norms = [NormState(batch, None if batch else stats[2 * i], None if batch else stats[2 * i + 1], None, eps[i])
+             for i, batch in enumerate(norm_batch)]
+    per_layer = 6 if bottleneck else 3
+    layers = []
+    for i in range(len(params) // per_layer):
+        p = params[i * per_layer:(i + 1) * per_layer]
+        if bottleneck:
+            layers.append(DenseLayerTensors(p[0], p[1], norms[2 * i], p[2], p[3], p[4], norms[2 * i + 1], p[5]))
+        else:
+            layers.append(DenseLayerTensors(p[0], p[1], norms[i], p[2]))
+    return layers
+
+
+@_library.op("dense_block_forward")
+def _dense_block_forward_op(x: torch.Tensor, params: list[torch.Tensor], stats: list[torch.Tensor | None],
+                            norm_batch: list[bool], eps: list[float], bottleneck: bool, conv_dtype: torch.dtype,
+                            keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor],
+                                                 list[torch.Tensor], list[torch.Tensor]]:
+    """``(buffer, channel_mean, channel_var, hidden, mean2, var2)``; the last three one entry per BC layer.
+
+    ``buffer`` is the block's output. The statistics are the batch ones (float32; empty where a norm uses
+    its running statistics); ``hidden`` (each BC layer's 1×1 output) is empty unless ``keep``.
+    """
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    state = _dense_block_forward(x, layers, keep, conv_dtype)
+    hidden, mean2, var2 = [], [], []
+    for layer, saved in zip(layers, state.bottleneck, strict=True):
+        if layer.bottleneck:
+            h, m, v = saved
+            batch = _uses_batch_stats(layer.norm2)
+            hidden.append(h if keep else x.new_empty((0,), dtype=conv_dtype))
+            # Eval: the running statistics are inputs, and an output may not alias an input.
+            mean2.append(m if batch else x.new_empty((0,), dtype=torch.float32))
+            var2.append(v if batch else x.new_empty((0,), dtype=torch.float32))
+    empty = (x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32))
+    channel_mean, channel_var = (state.channel_mean, state.channel_var) if state.channel_mean is not None else empty
+    return state.buffer, channel_mean, channel_var, hidden, mean2, var2
+
+
+@_dense_block_forward_op.register_fake
+def _dense_block_forward_fake(x, params, stats, norm_batch, eps, bottleneck, conv_dtype, keep):
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    n, c_in, h, w = x.shape
+    growth = _growth(layers)
+    fmt = _memory_format(x)
+    buffer = torch.empty((n, _layer_channels(c_in, growth, len(layers)), h, w), dtype=x.dtype, device=x.device,
+                         memory_format=fmt)
+    stats_channels = _stats_channels(c_in, layers)
+    channel_mean = x.new_empty((stats_channels,), dtype=torch.float32)
+    channel_var = x.new_empty((stats_channels,), dtype=torch.float32)
+    hidden, mean2, var2 = [], [], []
+    for index, layer in enumerate(layers):
+        if not layer.bottleneck:
+            continue
+        if keep:
+            # The convolution's own meta function gives h's strides, as the real convolution lays it out.
+            z = torch.empty((n, _layer_channels(c_in, growth, index), h, w), dtype=conv_dtype, device=x.device,
+                            memory_format=fmt)
+            hidden.append(_conv_forward(z, layer.conv1_weight))
+        else:
+            hidden.append(x.new_empty((0,), dtype=conv_dtype))
+        channels = layer.conv1_weight.shape[0] if _uses_batch_stats(layer.norm2) else 0
+        mean2.append(x.new_empty((channels,), dtype=torch.float32))
+        var2.append(x.new_empty((channels,), dtype=torch.float32))
+    return buffer, channel_mean, channel_var, hidden, mean2, var2
+
+
+@_library.op("dense_block_backward")
+def _dense_block_backward_op(grad_out: torch.Tensor, buffer: torch.Tensor, params: list[torch.Tensor],
+                             stats: list[torch.Tensor | None], channel_mean: torch.Tensor, channel_var: torch.Tensor,
+                             hidden: list[torch.Tensor], mean2: list[torch.Tensor], var2: list[torch.Tensor],
+                             norm_batch: list[bool], eps: list[float], bottleneck: bool, conv_dtype: torch.dtype,
+                             need_grad_x: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(grad_x, parameter gradients)``; grad_x is empty unless ``need_grad_x``."""
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    saved, index2 = [], 0
+    for layer in layers:
+        if not layer.bottleneck:
+            saved.append(None)
+            continue
+        norm2 = layer.norm2
+        batch = _uses_batch_stats(norm2)
+        saved.append((hidden[index2], mean2[index2] if batch else norm2.running_mean,
+                      var2[index2] if batch else norm2.running_var))
+        index2 += 1
+    state = _BlockForward(None, channel_mean, channel_var, saved, conv_dtype)
+    grad_x, grads = _dense_block_backward(grad_out, buffer, layers, state, need_grad_x)
+    # A gradient has its parameter's dtype and strides (the fake implementation promises them) and its own
+    # storage (BN+ReLU's weight and bias gradients are two rows of one sum; op outputs may not alias).
+    grads = [g if g.stride() == p.stride() and g._base is None else torch.empty_like(p).copy_(g)
+             for g, p in zip(grads, params, strict=True)]
+    return (grad_x if grad_x is not None else buffer.new_empty((0,))), grads
+
+
+@_dense_block_backward_op.register_fake
+def _dense_block_backward_fake(grad_out, buffer, params, stats, channel_mean, channel_var, hidden, mean2, var2,
+                               norm_batch, eps, bottleneck, conv_dtype, need_grad_x):
+    n, c_out, h, w = buffer.shape
+    c_in = c_out - (len(params) // (6 if bottleneck else 3)) * (params[5] if bottleneck else params[2]).shape[0]
+    grad_x = (torch.empty((n, c_in, h, w), dtype=buffer.dtype, device=buffer.device,
+                          memory_format=_memory_format(buffer)) if need_grad_x else buffer.new_empty((0,)))
+    return grad_x, [torch.empty_like(p) for p in params]
+
+
+def _dense_setup_context(ctx, inputs, output) -> None:
+    x, params, stats, norm_batch, eps, bottleneck, conv_dtype, keep = inputs
+    buffer, channel_mean, channel_var, hidden, mean2, var2 = output
+    # Everything backward reads goes through save_for_backward: the buffer (the output), the parameters,
+    # eval-mode running statistics, the batch statistics and each BC layer's h. Autograd's version counters
+    # then catch an in-place change before backward (an optimizer step inside a gradient-accumulation
+    # loop), and saved_tensors_hooks (offloading, checkpointing) see all of it.
+    running = [t for t in stats if t is not None]
+    ctx.save_for_backward(buffer, *params, *running, channel_mean, channel_var, *hidden, *mean2, *var2)
+    ctx.layout = (len(params), [t is not None for t in stats], len(hidden))
+    ctx.config = (list(norm_batch), list(eps), bottleneck, conv_dtype)
+    ctx.mark_non_differentiable(channel_mean, channel_var, *hidden, *mean2, *var2)
+
+
+def _dense_backward(ctx, grad_buffer, *_):
+    saved = list(ctx.saved_tensors)
+    n_params, present, n_bc = ctx.layout
+    buffer, params, rest = saved[0], saved[1:1 + n_params], saved[1 + n_params:]
+    running = iter(rest[:sum(present)])
+    stats = [next(running) if is_present else None for is_present in present]
+    rest = rest[sum(present):]
+    channel_mean, channel_var = rest[0], rest[1]
+    hidden, mean2, var2 = rest[2:2 + n_bc], rest[2 + n_bc:2 + 2 * n_bc], rest[2 + 2 * n_bc:2 + 3 * n_bc]
+    norm_batch, eps, bottleneck, conv_dtype = ctx.config
+    need_grad_x = ctx.needs_input_grad[0]
+    grad_x, grads = torch.ops.perfkit.dense_block_backward(
+        grad_buffer, buffer, params, stats, channel_mean, channel_var, hidden, mean2, var2, norm_batch, eps,
+        bottleneck, conv_dtype, need_grad_x)
+    # The returned structure mirrors the inputs' pytree: a list is a node only if it holds nothing but tensors.
+    stats_grad = [None] * len(stats) if all(t is not None for t in stats) else None
+    return grad_x if need_grad_x else None, list(grads), stats_grad, None, None, None, None, None
+
+
+_dense_block_forward_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+
+
+def _update_running(norm: NormState, mean: torch.Tensor, var: torch.Tensor, unbias: float) -> None:
+    """nn.BatchNorm2d's running update from a batch's mean and biased variance (momentum resolved)."""
+    momentum = norm.momentum
+    if momentum is None:
+        raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
+                         "1/num_batches_tracked for momentum=None)")
+    norm.running_mean.mul_(1.0 - momentum).add_(mean.to(norm.running_mean.dtype), alpha=momentum)
+    norm.running_var.mul_(1.0 - momentum).add_((var * unbias).to(norm.running_var.dtype), alpha=momentum)
 
 
 def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
@@ -694,11 +790,30 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> torch.T
 
     Same result, gradients and running-statistics updates as the eager block (nn.BatchNorm2d semantics,
     each BatchNorm in its own ``NormState.training`` mode); training memory grows linearly in depth (see
-    the module docstring).
-    Differentiable when grad mode is on and x or a parameter requires grad; otherwise nothing is kept.
+    the module docstring). Differentiable when grad mode is on and x or a parameter requires grad;
+    otherwise nothing is kept for backward.
     """
     _check_block(x, layers)
     params = [p for layer in layers for p in _layer_params(layer)]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _DenseBlockFunction.apply(x, tuple(layers), *params)
-    return _dense_block_forward(x, layers, keep_for_backward=False).buffer
+    norms = [norm for layer in layers for norm in ((layer.norm1, layer.norm2) if layer.bottleneck else (layer.norm1,))]
+    norm_batch = [_uses_batch_stats(norm) for norm in norms]
+    stats = [t for norm, batch in zip(norms, norm_batch, strict=True)
+             for t in ((None, None) if batch else (norm.running_mean, norm.running_var))]
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    buffer, channel_mean, channel_var, _, mean2, var2 = torch.ops.perfkit.dense_block_forward(
+        x, params, stats, norm_batch, [norm.eps for norm in norms], layers[0].bottleneck, _conv_dtype(x), keep)
+    n, c_in, h, w = x.shape
+    unbias = n * h * w / max(n * h * w - 1, 1)
+    with torch.no_grad():
+        bc_index = 0
+        for index, layer in enumerate(layers):
+            norm1 = layer.norm1
+            if norm1.training and norm1.running_mean is not None:
+                c = _layer_channels(c_in, _growth(layers), index)
+                _update_running(norm1, channel_mean[:c], channel_var[:c], unbias)
+            if layer.bottleneck:
+                norm2 = layer.norm2
+                if norm2.training and norm2.running_mean is not None:
+                    _update_running(norm2, mean2[bc_index], var2[bc_index], unbias)
+                bc_index += 1
+    return buffer
