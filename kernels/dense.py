@@ -691,9 +691,13 @@ def _dense_block_backward_op(grad_out: torch.Tensor, buffer: torch.Tensor, param
     grad_x, grads = _dense_block_backward(grad_out, buffer, layers, state, need_grad_x)
     # A gradient has its parameter's dtype and strides (the fake implementation promises them) and its own
     # storage (BN+ReLU's weight and bias gradients are two rows of one sum; op outputs may not alias).
-    grads = [g if g.stride() == p.stride() and g._base is None else torch.empty_like(p).copy_(g)
-             for g, p in zip(grads, params, strict=True)]
-    return (grad_x if grad_x is not None else buffer.new_empty((0,))), grads
+    owned, storages = [], set()
+    for g, p in zip(grads, params, strict=True):
+        if g.stride() != p.stride() or g.storage_offset() or g.untyped_storage().data_ptr() in storages:
+            g = torch.empty_like(p).copy_(g)
+        storages.add(g.untyped_storage().data_ptr())
+        owned.append(g)
+    return (grad_x if grad_x is not None else buffer.new_empty((0,))), owned
 
 
 @_dense_block_backward_op.register_fake
@@ -785,6 +789,17 @@ def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
                                  f"got {tuple(weight.shape[2:])}")
 
 
+def dense_block_op_args(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> tuple:
+    """The arguments of ``perfkit::dense_block_forward`` for ``layers`` on ``x`` (what :func:`dense_block` passes)."""
+    params = [p for layer in layers for p in _layer_params(layer)]
+    norms = [norm for layer in layers for norm in ((layer.norm1, layer.norm2) if layer.bottleneck else (layer.norm1,))]
+    norm_batch = [_uses_batch_stats(norm) for norm in norms]
+    stats = [t for norm, batch in zip(norms, norm_batch, strict=True)
+             for t in ((None, None) if batch else (norm.running_mean, norm.running_var))]
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return x, params, stats, norm_batch, [norm.eps for norm in norms], layers[0].bottleneck, _conv_dtype(x), keep
+
+
 def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> torch.Tensor:
     """DenseNet block ``cat(x, f_0, f_1, ...)`` into one buffer, f_l = layer l on the channel prefix.
 
@@ -794,14 +809,8 @@ def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> torch.T
     otherwise nothing is kept for backward.
     """
     _check_block(x, layers)
-    params = [p for layer in layers for p in _layer_params(layer)]
-    norms = [norm for layer in layers for norm in ((layer.norm1, layer.norm2) if layer.bottleneck else (layer.norm1,))]
-    norm_batch = [_uses_batch_stats(norm) for norm in norms]
-    stats = [t for norm, batch in zip(norms, norm_batch, strict=True)
-             for t in ((None, None) if batch else (norm.running_mean, norm.running_var))]
-    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
     buffer, channel_mean, channel_var, _, mean2, var2 = torch.ops.perfkit.dense_block_forward(
-        x, params, stats, norm_batch, [norm.eps for norm in norms], layers[0].bottleneck, _conv_dtype(x), keep)
+        *dense_block_op_args(x, layers))
     n, c_in, h, w = x.shape
     unbias = n * h * w / max(n * h * w - 1, 1)
     with torch.no_grad():

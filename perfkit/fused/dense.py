@@ -79,10 +79,16 @@ class FusedDenseBlock(nn.Module):
                          norm.running_var if pass_running else None, momentum, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from perfkit.kernels.dense import DenseLayerTensors, dense_block
+        from perfkit.kernels.dense import dense_block
 
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels; got input of shape {tuple(x.shape)}")
+        return dense_block(x, self.layer_tensors())
+
+    def layer_tensors(self) -> list:
+        """The layers as ``perfkit.kernels.dense.DenseLayerTensors`` for one call (counts the batch in training)."""
+        from perfkit.kernels.dense import DenseLayerTensors
+
         layers = []
         for layer in self.layers:
             bottleneck = (dict(norm2_weight=layer.norm2.weight, norm2_bias=layer.norm2.bias,
@@ -90,4 +96,4 @@ class FusedDenseBlock(nn.Module):
                           if layer.bottleneck else {})
             layers.append(DenseLayerTensors(layer.norm1.weight, layer.norm1.bias, self._norm_state(layer.norm1),
                                             layer.conv1.weight, **bottleneck))
-        return dense_block(x, layers)
+        return layers
