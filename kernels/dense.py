@@ -27,10 +27,12 @@ of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation 
   convolution is not recomputed (saving ``h`` costs ``4k`` channels per layer, recomputing it a whole
   convolution per layer).
 
-Version counters: the block's output *is* the saved buffer, so an in-place change of the output before
-backward raises autograd's usual error, as it should. The Triton kernels write through raw pointers and
-bump no version counter, so they only ever write tensors this module allocated (and the BatchNorm running
-statistics, which autograd never saves).
+Version counters: everything backward reads (the buffer, which *is* the output, the parameters, the
+statistics, each BC layer's ``h``, eval-mode running statistics) is saved through ``save_for_backward``
+in the op's ``setup_context``, so an in-place change of any of them before backward raises autograd's
+usual error, and ``saved_tensors_hooks`` see all of it. The Triton kernels write through raw pointers and
+bump no version counter, so they only ever write tensors the op allocated; the running statistics are
+updated by :func:`dense_block` with torch ops, outside the (functional) op.
 
 Autocast: under ``torch.autocast`` the convolutions run in the autocast dtype, as eager ones would; the
 BN+ReLU kernel writes the convolution input in that dtype directly (the cast is fused), and backward

@@ -269,3 +269,22 @@ def test_saved_tensors_hooks_see_everything_backward_reads(block: str) -> None:
     for a, b in zip(plain, hooked, strict=True):
         assert torch.equal(a, b)
     assert packed_bytes > 0
+
+
+@pytest.mark.parametrize("block", ["dense", "wrc"])
+def test_fused_blocks_run_under_fake_tensor_mode(block: str) -> None:
+    """What the memory model does: ``to_triton(model)``, then forward and backward on fake tensors. The fake
+    implementations give the real op's shapes, dtypes and strides, and nothing launches a kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    reference = _dense_block() if block == "dense" else _epilogue()
+    count = 1 if block == "dense" else 2
+    real_inputs = [torch.randn(2, 5, 4, 4).contiguous(memory_format=torch.channels_last) for _ in range(count)]
+    real_out = to_triton(_copy(reference).train())(*real_inputs)
+    model = to_triton(_copy(reference).train())
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        inputs = [mode.from_tensor(t).requires_grad_() for t in real_inputs]
+        out = model(*inputs)
+        out.sum().backward()
+    assert (out.shape, out.stride(), out.dtype) == (real_out.shape, real_out.stride(), real_out.dtype)
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in inputs)
