@@ -111,9 +111,11 @@ def _load() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     # Importing the block modules runs their @register decorators; done on first use, not at import.
     import perfkit.blocks  # noqa: F401
+
+    # Set before the plugins load: import_modules calls back here.
+    _loaded = True
 
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         # One broken package must not take the others, or the built-in blocks, down with it: its error
