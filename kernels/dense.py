@@ -51,7 +51,6 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import _library
 from . import wrc as _wrc
@@ -354,25 +353,62 @@ def _bn_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return bn_relu_apply(x, mean, var, weight, bias, eps, out_dtype, running=running), mean, var, True
 
 
-class _BnReluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, var, batch_stats = _bn_relu_forward(x, weight, bias, running_mean, running_var, training,
-                                                     momentum, eps)
-        # Saved: x and the statistics, not y (the consumer of y keeps it if it needs it).
-        ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.batch_stats = batch_stats
-        ctx.eps = eps
-        return y
+@_library.op("bn_relu")
+def _bn_relu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, batch_stats: bool,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)``: BN+ReLU with x's batch statistics (returned, float32) or the running ones (then
+    ``mean`` and ``var`` are empty). Functional: :func:`bn_relu` updates the running statistics."""
+    if batch_stats:
+        mean, var = batch_norm_stats(x)
+        return bn_relu_apply(x, mean, var, weight, bias, eps), mean, var
+    empty = (x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32))
+    return bn_relu_apply(x, running_mean, running_var, weight, bias, eps), *empty
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, bias, mean, var = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = bn_relu_backward(x, grad_y, mean, var, weight, bias, ctx.eps,
-                                                          batch_stats=ctx.batch_stats,
-                                                          need_grad_x=ctx.needs_input_grad[0])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+@_bn_relu_op.register_fake
+def _bn_relu_fake(x, weight, bias, running_mean, running_var, batch_stats, eps):
+    channels = x.shape[1] if batch_stats else 0
+    y = torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return y, x.new_empty((channels,), dtype=torch.float32), x.new_empty((channels,), dtype=torch.float32)
+
+
+@_library.op("bn_relu_backward")
+def _bn_relu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor, eps: float, batch_stats: bool,
+                         need_grad_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; grad_x is empty unless ``need_grad_x``."""
+    grad_x, grad_weight, grad_bias = bn_relu_backward(x, grad_y, mean, var, weight, bias, eps,
+                                                      batch_stats=batch_stats, need_grad_x=need_grad_x)
+    # The two parameter gradients are rows of one sum: op outputs own their storage.
+    return (grad_x if grad_x is not None else x.new_empty((0,)), grad_weight.clone(), grad_bias.clone())
+
+
+@_bn_relu_backward_op.register_fake
+def _bn_relu_backward_fake(grad_y, x, mean, var, weight, bias, eps, batch_stats, need_grad_x):
+    grad_x = (torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+              if need_grad_x else x.new_empty((0,)))
+    return grad_x, torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _bn_relu_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, running_mean, running_var, batch_stats, eps = inputs
+    _, mean, var = output
+    # Saved: x, the parameters and the statistics used, not y (the consumer of y keeps it if it needs it).
+    ctx.save_for_backward(x, weight, bias, *((mean, var) if batch_stats else (running_mean, running_var)))
+    ctx.batch_stats, ctx.eps = batch_stats, eps
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _bn_relu_backward_formula(ctx, grad_y, _grad_mean, _grad_var):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    need_grad_x = ctx.needs_input_grad[0]
+    grad_x, grad_weight, grad_bias = torch.ops.perfkit.bn_relu_backward(grad_y, x, mean, var, weight, bias, ctx.eps,
+                                                                        ctx.batch_stats, need_grad_x)
+    return grad_x if need_grad_x else None, grad_weight, grad_bias, None, None, None, None
+
+
+_bn_relu_op.register_autograd(_bn_relu_backward_formula, setup_context=_bn_relu_setup_context)
 
 
 def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
@@ -383,7 +419,20 @@ def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_m
     ``x`` may be any strided 4-D tensor, a channel-prefix view of a larger buffer included (read in place).
     Training reads x twice (statistics, then normalize); eval once. See :func:`bn_relu_bytes_moved`.
     """
-    return _BnReluFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_4d(x, "x")
+    tracking = running_mean is not None and running_var is not None
+    batch_stats = training or not tracking
+    if training and tracking and momentum is None:
+        raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
+                         "1/num_batches_tracked for momentum=None)")
+    y, mean, var = torch.ops.perfkit.bn_relu(x, weight, bias, None if batch_stats else running_mean,
+                                             None if batch_stats else running_var, batch_stats, eps)
+    if training and tracking:
+        n, _, h, w = x.shape
+        with torch.no_grad():
+            _update_running(NormState(True, running_mean, running_var, momentum, eps), mean, var,
+                            n * h * w / max(n * h * w - 1, 1))
+    return y
 
 
 def bn_relu_bytes_moved(shape: Sequence[int], dtype: torch.dtype, *, training: bool,

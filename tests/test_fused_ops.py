@@ -85,6 +85,26 @@ def test_opcheck_wrc_ops(training: bool, layout: str, dtype: str) -> None:
                            beta.detach(), mean, var, training, 1e-5, [True, True, True, True, False, True]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_opcheck_bn_relu_ops(batch_stats: bool, layout: str, dtype: str) -> None:
+    """BN+ReLU on a channel prefix of a larger buffer (as a dense layer reads it), odd shapes."""
+    buffer = torch.randn(3, 8, 5, 7, dtype=DTYPES[dtype]).contiguous(memory_format=LAYOUTS[layout])
+    x = buffer[:, :5].detach().requires_grad_()
+    weight, bias = torch.rand(5, requires_grad=True) + 0.5, torch.randn(5, requires_grad=True)
+    running_mean, running_var = torch.randn(5), torch.rand(5) + 0.5
+    args = (x, weight, bias, None if batch_stats else running_mean, None if batch_stats else running_var,
+            batch_stats, 1e-5)
+    torch.library.opcheck(torch.ops.perfkit.bn_relu.default, args)
+    y, mean, var = torch.ops.perfkit.bn_relu(*args)
+    if not batch_stats:
+        mean, var = running_mean, running_var
+    torch.library.opcheck(torch.ops.perfkit.bn_relu_backward.default,
+                          (torch.randn_like(y), x.detach(), mean, var, weight.detach(), bias.detach(), 1e-5,
+                           batch_stats, True))
+
+
 @pytest.mark.parametrize(("bottleneck", "norms", "layout", "dtype"), [
     (True, "training", "nchw", "float32"), (True, "frozen", "channels_last", "bfloat16"),
     (False, "inference", "channels_last", "float32"), (False, "training", "nchw", "bfloat16"),
