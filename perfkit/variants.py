@@ -287,10 +287,10 @@ def _triton_unavailable(device: torch.device, model: nn.Module | None) -> str | 
     if model is None:
         return None
     from perfkit.fused import FUSED_FOR, SUPPORTED, fusable_modules
-    from perfkit.fused.pattern import find_epilogues
+    from perfkit.fused.pattern import find_patterns
 
     names = fusable_modules(model)
-    if not names and not find_epilogues(model):
+    if not names and not find_patterns(model):
         return f"no fused Triton kernel for {type(model).__name__} ({SUPPORTED})"
     for qualified in names:
         module_name, _ = FUSED_FOR[type(model.get_submodule(qualified))]

@@ -19,7 +19,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)", allow_module_level=True)
 
 from perfkit.fused import to_triton  # noqa: E402
-from perfkit.fused.pattern import find_epilogues, fuse_epilogues  # noqa: E402
+from perfkit.fused.pattern import find_patterns, fuse_patterns  # noqa: E402
 from perfkit.fused.wrc import FusedResidualEpilogue  # noqa: E402
 from perfkit.testing import GRAD_REL_TOLERANCE, assert_close, relative_error  # noqa: E402
 
@@ -181,8 +181,8 @@ class ScaledBlock(nn.Module):
 def test_resnet18_has_eight_epilogues_and_all_are_fused() -> None:
     model = resnet18()
     expected = [f"layer{stage}.{index}.bn2" for stage in range(1, 5) for index in range(2)]
-    assert find_epilogues(model) == expected
-    fused, count = fuse_epilogues(model)
+    assert find_patterns(model) == expected
+    fused, count = fuse_patterns(model)
     assert count == 8
     assert sum(isinstance(m, FusedResidualEpilogue) for m in fused.modules()) == 8
     # The stem's relu(bn1(conv1(x))) has no sum: not an epilogue.
@@ -192,7 +192,7 @@ def test_resnet18_has_eight_epilogues_and_all_are_fused() -> None:
 @pytest.mark.parametrize("make", [PreActBlock, ReLU6Block, SharedBNBlock])
 def test_what_is_not_the_pattern_is_not_fused(make) -> None:
     model = make(4)
-    assert find_epilogues(model) == []
+    assert find_patterns(model) == []
     with pytest.raises(ValueError, match="no module with a fused Triton kernel"):
         to_triton(model)
 
@@ -257,3 +257,63 @@ def test_fused_resnet18_trains_three_sgd_steps_like_the_reference() -> None:
             scale = relative_error(eager_trained[name], value)
             assert_close(trained[name], value, torch.float32, name=name,
                          tolerance=max(GRAD_REL_TOLERANCE["float32"], 4 * scale))
+
+
+class TorchvisionDenseLayer(nn.Module):
+    """torchvision's ``_DenseLayer``: ``conv2(relu2(norm2(conv1(relu1(norm1(cat(inputs, 1)))))))``."""
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        concated = torch.cat(inputs, 1)
+        bottleneck = self.conv1(self.relu1(self.norm1(concated)))
+        return self.conv2(self.relu2(self.norm2(bottleneck)))
+
+
+class TorchvisionDenseBlock(nn.ModuleDict):
+    def __init__(self, num_layers: int, num_input_features: int, growth_rate: int, bn_size: int = 2) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}",
+                            TorchvisionDenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size))
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def test_densenet_concat_bn_relu_is_fused_and_matches_the_reference() -> None:
+    """A torchvision-style dense block: each layer's ``relu1(norm1(cat))`` fused (norm2 reads no concat)."""
+    from perfkit.fused.dense import FusedBatchNormReLU
+
+    model = TorchvisionDenseBlock(3, 5, 3)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    assert find_patterns(model) == [f"denselayer{i}.norm1" for i in (1, 2, 3)]
+    for mode in ("training", "inference"):
+        reference = copy.deepcopy(model).train(mode == "training")
+        expected_model = copy.deepcopy(reference).double()
+        params, expected_params = list(reference.parameters()), list(expected_model.parameters())
+        fused = to_triton(reference)
+        assert sum(isinstance(m, FusedBatchNormReLU) for m in fused.modules()) == 3
+        x = torch.randn(2, 5, 6, 6)
+        out, grads = _parameters_and_grads(fused, x, params)
+        expected, expected_grads = _parameters_and_grads(expected_model, x.double(), expected_params)
+        assert_close(out, expected, torch.float32, name=f"{mode} output")
+        for index, (grad, expected_grad) in enumerate(zip(grads, expected_grads, strict=True)):
+            assert_close(grad, expected_grad, torch.float32, name=f"{mode} grad of parameter {index}",
+                         tolerance=GRAD_REL_TOLERANCE["float32"])
+        for name, value in expected_model.state_dict().items():
+            if "running" in name:
+                assert_close(fused.state_dict()[name], value, torch.float32, name=name)

@@ -19,7 +19,8 @@ FUSED_FOR = {
 """Reference module type -> (module, class) of its fused replacement."""
 
 SUPPORTED = ("supported: " + ", ".join(t.__name__ for t in FUSED_FOR)
-             + ", and relu(bn(y) + s) with an affine BatchNorm2d, found by torch.fx in any module's code")
+             + ", and relu(bn(y) + s) or relu(bn(cat(...))) with an affine BatchNorm2d, found by torch.fx in any "
+             "module's code")
 """What the ``triton`` variant fuses, for error messages."""
 
 
@@ -36,13 +37,14 @@ def to_triton(model: nn.Module) -> nn.Module:
     """Replace every fusable part of ``model`` in place; returns the model (or its replacement).
 
     Two passes: the class swap above for perfkit's own blocks (the fast path), then fusion by pattern
-    (:mod:`perfkit.fused.pattern`: ``relu(bn(y) + s)`` found by ``torch.fx`` in any module's code, a
-    torchvision- or timm-style ResNet's included). Parameters and buffers stay shared with ``model``.
-    Raises ValueError naming what is supported if nothing in ``model`` has a fused kernel.
+    (:mod:`perfkit.fused.pattern`: ``relu(bn(y) + s)`` and ``relu(bn(cat(...)))`` found by ``torch.fx``
+    in any module's code, a torchvision- or timm-style ResNet's or DenseNet's included). Parameters and
+    buffers stay shared with ``model``. Raises ValueError naming what is supported if nothing in ``model``
+    has a fused kernel.
     """
     import importlib
 
-    from perfkit.fused.pattern import fuse_epilogues
+    from perfkit.fused.pattern import fuse_patterns
 
     names = fusable_modules(model)
     for name in names:
@@ -56,7 +58,7 @@ def to_triton(model: nn.Module) -> nn.Module:
             return fused
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, fused)
-    model, fused_by_pattern = fuse_epilogues(model)
+    model, fused_by_pattern = fuse_patterns(model)
     if not names and not fused_by_pattern:
         raise ValueError(f"{type(model).__name__} has no module with a fused Triton kernel ({SUPPORTED})")
     return model

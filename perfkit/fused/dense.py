@@ -97,3 +97,32 @@ class FusedDenseBlock(nn.Module):
             layers.append(DenseLayerTensors(layer.norm1.weight, layer.norm1.bias, self._norm_state(layer.norm1),
                                             layer.conv1.weight, **bottleneck))
         return layers
+
+
+class FusedBatchNormReLU(nn.Module):
+    """``relu(bn(x))`` in one fused kernel (``perfkit.kernels.dense.bn_relu``), sharing ``bn``'s module.
+
+    What fusion by pattern puts after a DenseNet-style concat. It follows ``nn.BatchNorm2d.forward``: batch
+    statistics in training or without running statistics, the counter and running statistics updated only
+    in training with ``track_running_stats``.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        _check_norm(bn, "bn")
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from perfkit.kernels.dense import bn_relu
+
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        pass_running = not bn.training or bn.track_running_stats
+        return bn_relu(x, bn.weight, bn.bias, bn.running_mean if pass_running else None,
+                       bn.running_var if pass_running else None, training=use_batch_stats, momentum=momentum,
+                       eps=bn.eps)

@@ -1,4 +1,4 @@
-"""Fusion by pattern: find ``relu(bn(y) + s)`` in any module tree with ``torch.fx`` and fuse it.
+"""Fusion by pattern: find ``relu(bn(y) + s)`` and ``relu(bn(cat(...)))`` in any module tree with ``torch.fx``.
 
 The class swap in :mod:`perfkit.fused` knows perfkit's own blocks; a torchvision- or timm-style ResNet
 writes the same epilogue as ``out = self.bn2(out); out += identity; out = self.relu(out)``. Each module's
@@ -10,6 +10,10 @@ inlined), and this pattern is rewritten into a :class:`~perfkit.fused.wrc.FusedR
 * added (``+``, ``+=``, ``torch.add``, ``.add``/``.add_``) to any other value, the shortcut (``beta = 1``),
   the sum having no other user,
 * passed through ReLU (``torch.relu``, ``F.relu``, ``.relu()``/``.relu_()``, an ``nn.ReLU`` module).
+
+and a DenseNet-style concat feeding BN-ReLU, ``relu(bn(torch.cat(features, 1)))`` (torchvision's
+``_DenseLayer``), into a :class:`~perfkit.fused.dense.FusedBatchNormReLU` call on the concat (BN and ReLU
+in one kernel; the concat itself stays, unlike the whole-block swap of perfkit's own ``DenseBlock``).
 
 Anything else is left alone: ReLU6, a pre-activation block (no ReLU after the sum), a sum or BatchNorm
 output read twice (fusing would drop a value someone else reads). A module that does not trace (data-
@@ -31,6 +35,7 @@ _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 _MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul)
+_CAT_FUNCTIONS = (torch.cat, torch.concat)
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,15 @@ class _Match:
     shortcut: fx.Node
     alpha: float | str
     """A Python number, or the qualified name of a 0-dim tensor attribute of the traced module."""
+
+
+@dataclass(frozen=True)
+class _ConcatMatch:
+    """``relu(bn(cat(..., dim=1)))`` in a traced module."""
+
+    relu: fx.Node
+    bn_target: str
+    concat: fx.Node
 
 
 class _OwnCodeTracer(fx.Tracer):
@@ -123,6 +137,27 @@ def _matches(graph: fx.Graph, root: nn.Module) -> list[_Match]:
     return found
 
 
+def _is_channel_concat(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _CAT_FUNCTIONS:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim in (1, -3)
+
+
+def _concat_matches(graph: fx.Graph, root: nn.Module) -> list[_ConcatMatch]:
+    found = []
+    for relu in graph.nodes:
+        if not _is_relu(relu, root):
+            continue
+        bn_node = relu.args[0]
+        if not isinstance(bn_node, fx.Node) or _batch_norm(bn_node, root) is None or len(bn_node.users) != 1:
+            continue
+        concat = bn_node.args[0]
+        if isinstance(concat, fx.Node) and _is_channel_concat(concat):
+            found.append(_ConcatMatch(relu, bn_node.target, concat))
+    return found
+
+
 def _trace(module: nn.Module) -> fx.Graph | None:
     try:
         return _OwnCodeTracer().trace(module)
@@ -130,24 +165,24 @@ def _trace(module: nn.Module) -> fx.Graph | None:
         return None
 
 
-def _own_matches(module: nn.Module) -> tuple[fx.Graph | None, list[_Match]]:
+def _own_matches(module: nn.Module) -> tuple[fx.Graph | None, list[_Match | _ConcatMatch]]:
     graph = _trace(module)
-    return graph, ([] if graph is None else _matches(graph, module))
+    return graph, ([] if graph is None else [*_matches(graph, module), *_concat_matches(graph, module)])
 
 
 def _skip(module: nn.Module) -> bool:
     """Modules not searched: already fused ones (nothing left to fuse, kernels not traceable) and torch.nn's
     own leaves (a Conv2d's or a BatchNorm's forward holds no epilogue; tracing them would only cost time)."""
-    from perfkit.fused.dense import FusedDenseBlock
+    from perfkit.fused.dense import FusedBatchNormReLU, FusedDenseBlock
     from perfkit.fused.wrc import FusedResidualEpilogue
 
-    if isinstance(module, (FusedResidualEpilogue, FusedDenseBlock)):
+    if isinstance(module, (FusedResidualEpilogue, FusedDenseBlock, FusedBatchNormReLU)):
         return True
     return type(module).__module__.startswith("torch.nn.modules") and next(module.children(), None) is None
 
 
-def find_epilogues(model: nn.Module) -> list[str]:
-    """Qualified names of the BatchNorms whose ``relu(bn(y) + s)`` epilogue :func:`fuse_epilogues` would fuse."""
+def find_patterns(model: nn.Module) -> list[str]:
+    """Qualified names of the BatchNorms whose epilogue or concat-BN-ReLU :func:`fuse_patterns` would fuse."""
     names = []
 
     def visit(module: nn.Module, prefix: str) -> None:
@@ -162,12 +197,20 @@ def find_epilogues(model: nn.Module) -> list[str]:
     return names
 
 
-def _rewrite(module: nn.Module, graph: fx.Graph, matches: list[_Match]) -> fx.GraphModule:
+def _rewrite(module: nn.Module, graph: fx.Graph, matches: list[_Match | _ConcatMatch]) -> fx.GraphModule:
+    from perfkit.fused.dense import FusedBatchNormReLU
     from perfkit.fused.wrc import FusedResidualEpilogue
 
     gm = fx.GraphModule(module, graph, class_name=f"Fused{type(module).__name__}")
     for index, match in enumerate(matches):
         bn = gm.get_submodule(match.bn_target)
+        if isinstance(match, _ConcatMatch):
+            name = f"fused_bn_relu_{index}"
+            gm.add_submodule(name, FusedBatchNormReLU(bn))
+            with gm.graph.inserting_before(match.relu):
+                fused = gm.graph.call_module(name, (match.concat,))
+            match.relu.replace_all_uses_with(fused)
+            continue
         if isinstance(match.alpha, str):
             alpha = _get_attr(module, match.alpha)
         else:
@@ -184,11 +227,11 @@ def _rewrite(module: nn.Module, graph: fx.Graph, matches: list[_Match]) -> fx.Gr
     return gm
 
 
-def fuse_epilogues(model: nn.Module) -> tuple[nn.Module, int]:
-    """``(model, count)``: every ``relu(bn(y) + s)`` epilogue in ``model`` fused; modules rewritten in place.
+def fuse_patterns(model: nn.Module) -> tuple[nn.Module, int]:
+    """``(model, count)``: every epilogue and concat-BN-ReLU in ``model`` fused; modules rewritten in place.
 
     A module whose own code holds a match is replaced (in its parent, or returned if it is ``model``) by a
-    ``torch.fx.GraphModule`` of that code calling ``FusedResidualEpilogue``; other modules are untouched.
+    ``torch.fx.GraphModule`` of that code calling the fused modules; other modules are untouched.
     """
     count = 0
 
