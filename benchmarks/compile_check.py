@@ -80,7 +80,7 @@ class Compiler:
 
     def launch(self, kernel: JITFunction, case: str, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         """What ``kernel[grid](*args, **kwargs)`` would compile on the target: compile it once, note the grid."""
-        # Qualified: wrc and dense each have a _bn_stats_kernel.
+        # Qualified by module: kernel names are unique per module, not across perfkit.kernels.
         name = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{kernel.__name__}"
         if name not in self._binders:
             self._binders[name] = create_function_from_signature(kernel.signature, kernel.params, self.backend)
@@ -150,21 +150,23 @@ def _channel_vectors(channels: int, dtype: torch.dtype, device: str = "cpu") -> 
 
 
 def run_wrc(shape: tuple[int, ...], layout: str, dtype: torch.dtype, training: bool) -> None:
-    """wrc_epilogue forward (and backward in training) at ``shape``; parameters in float32 as under AMP.
+    """The wrc ops (statistics, epilogue, backward in training) at ``shape``; parameters in float32 as under AMP.
 
-    On ``meta`` tensors: the wrapper refuses CPU tensors outside the interpreter, and nothing here is computed.
+    The ops are called directly on CPU tensors (the launches are intercepted, nothing is computed): the public
+    wrapper refuses CPU tensors outside the interpreter, and on meta tensors the ops run their fake versions.
     """
-    y = _layout(torch.empty(shape, dtype=dtype, device="meta"), layout).requires_grad_(training)
-    s = _layout(torch.empty(shape, dtype=dtype, device="meta"), layout).requires_grad_(training)
-    weight, bias, running_mean, running_var = _channel_vectors(shape[1], torch.float32, "meta")
-    weight.requires_grad_(training)
-    bias.requires_grad_(training)
-    alpha = torch.ones((), device="meta", requires_grad=training)
-    beta = torch.ones((), device="meta", requires_grad=training)
-    out = wrc.wrc_epilogue(y, s, weight, bias, running_mean, running_var, alpha, beta, training=training,
-                           momentum=MOMENTUM, eps=EPS)
+    y = _layout(torch.empty(shape, dtype=dtype), layout)
+    s = _layout(torch.empty(shape, dtype=dtype), layout)
+    weight, bias, running_mean, running_var = _channel_vectors(shape[1], torch.float32)
+    alpha, beta = torch.ones(()), torch.ones(())
     if training:
-        out.backward(torch.empty_like(out))
+        mean, var = torch.ops.perfkit.bn_stats(y, running_mean, running_var, None, MOMENTUM)
+    else:
+        mean, var = running_mean, running_var
+    out = torch.ops.perfkit.wrc_epilogue(y, s, mean, var, weight, bias, alpha, beta, training, EPS)
+    if training:
+        torch.ops.perfkit.wrc_backward(torch.empty_like(out), y, s, weight, bias, alpha, beta, mean, var, training,
+                                       EPS, [True] * 6)
 
 
 def run_bn_relu(shape: tuple[int, ...], layout: str, dtype: torch.dtype, training: bool) -> None:

@@ -11,10 +11,11 @@ of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation 
 * **One kernel for BN+ReLU of the prefix** (``_bn_relu_fwd_kernel``) writes the convolution's input
   directly, in the convolution's dtype.
 * **Batch statistics once per channel.** A channel's batch mean and variance do not depend on which
-  layer normalizes it, so they are computed once, when the channel is written (``_bn_stats_kernel``,
-  Chan/Welford merges in float32), and every later layer reuses them with its own ``eps``, weight, bias
-  and running-statistics update. Layer ``l``'s forward then reads its prefix once, not three times.
-* **Recompute in backward.** :class:`_DenseBlockFunction` is one autograd node for the whole block. It
+  layer normalizes it, so they are computed once, when the channel is written (the statistics kernels of
+  :mod:`perfkit.kernels.wrc`, Chan/Welford merges in float32), and every later layer reuses them with its
+  own ``eps``, weight, bias and running-statistics update. Layer ``l``'s forward then reads its prefix
+  once, not three times.
+* **Recompute in backward.** The op ``perfkit::dense_block_forward`` is one autograd node for the block. It
   saves the buffer (the block's output, which is needed anyway), the per-channel batch statistics, and
   for BC layers the 1×1 bottleneck output ``h`` (``4k`` channels, a fixed amount per layer) with its
   statistics. It does not save any normalized prefix or any concat: backward walks the layers in reverse,
@@ -26,10 +27,12 @@ of its depth. Here (after Pleiss et al., 2017, *Memory-Efficient Implementation 
   convolution is not recomputed (saving ``h`` costs ``4k`` channels per layer, recomputing it a whole
   convolution per layer).
 
-Version counters: the block's output *is* the saved buffer, so an in-place change of the output before
-backward raises autograd's usual error, as it should. The Triton kernels write through raw pointers and
-bump no version counter, so they only ever write tensors this module allocated (and the BatchNorm running
-statistics, which autograd never saves).
+Version counters: everything backward reads (the buffer, which *is* the output, the parameters, the
+statistics, each BC layer's ``h``, eval-mode running statistics) is saved through ``save_for_backward``
+in the op's ``setup_context``, so an in-place change of any of them before backward raises autograd's
+usual error, and ``saved_tensors_hooks`` see all of it. The Triton kernels write through raw pointers and
+bump no version counter, so they only ever write tensors the op allocated; the running statistics are
+updated by :func:`dense_block` with torch ops, outside the (functional) op.
 
 Autocast: under ``torch.autocast`` the convolutions run in the autocast dtype, as eager ones would; the
 BN+ReLU kernel writes the convolution input in that dtype directly (the cast is fused), and backward
@@ -48,7 +51,12 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+
+from . import _library
+from . import wrc as _wrc
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the kernels read and write; they accumulate in float32, so float64 is refused, not degraded."""
 
 _REDUCTION_PROGRAMS = 512
 """Programs a split reduction aims for: a few per SM on an H100 (132 SMs), so a layer whose few channel
@@ -70,78 +78,6 @@ def _row_offsets(rows, H, W, stride_n, stride_h, stride_w):
     h = rem // W
     w = rem - h * W
     return n.to(tl.int64) * stride_n + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w
-
-
-@triton.jit
-def _bn_stats_kernel(x_ptr, partial_ptr, mean_ptr, var_ptr, C, H, W, R, rows_per_split,
-                     sx_n, sx_c, sx_h, sx_w,
-                     SINGLE_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-channel (count, mean, M2) of one split of the rows, merged tile by tile (Chan et al.).
-
-    With a single split (few rows against many channel blocks) it writes mean and biased variance directly
-    and the combine launch is skipped.
-    """
-    pid_c = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    split = tl.num_programs(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    col_off = cols.to(tl.int64) * sx_c
-    r_start = pid_s * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, R)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_mask = rows < r_end
-        mask = row_mask[:, None] & col_mask[None, :]
-        offs = _row_offsets(rows, H, W, sx_n, sx_h, sx_w)[:, None] + col_off[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tile_count = tl.sum(row_mask.to(tl.float32), axis=0)
-        tile_mean = tl.sum(x, axis=0) / tile_count
-        centered = tl.where(mask, x - tile_mean[None, :], 0.0)
-        tile_m2 = tl.sum(centered * centered, axis=0)
-        # Merging centred moments (never sum and sum of squares) keeps the variance exact when the mean
-        # is large against the spread.
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
-    if SINGLE_SPLIT:
-        tl.store(mean_ptr + cols, mean, mask=col_mask)
-        tl.store(var_ptr + cols, m2 / count, mask=col_mask)
-    else:
-        base = partial_ptr + pid_s * C + cols
-        tl.store(base, count, mask=col_mask)
-        tl.store(base + split * C, mean, mask=col_mask)
-        tl.store(base + 2 * split * C, m2, mask=col_mask)
-
-
-@triton.jit
-def _bn_stats_combine_kernel(partial_ptr, mean_ptr, var_ptr, C, SPLIT, BLOCK_C: tl.constexpr):
-    """Merge the splits' (count, mean, M2) into each channel's mean and biased variance."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < C
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for s in range(0, SPLIT):
-        base = partial_ptr + s * C + cols
-        part_count = tl.load(base, mask=col_mask, other=0.0)
-        part_mean = tl.load(base + SPLIT * C, mask=col_mask, other=0.0)
-        part_m2 = tl.load(base + 2 * SPLIT * C, mask=col_mask, other=0.0)
-        new_count = count + part_count
-        # A split past the last row has count 0; dividing by 1 instead leaves the running moments as they are.
-        ratio = part_count / tl.where(new_count > 0, new_count, 1.0)
-        delta = part_mean - mean
-        mean += delta * ratio
-        m2 += part_m2 + delta * delta * count * ratio
-        count = new_count
-    tl.store(mean_ptr + cols, mean, mask=col_mask)
-    # Columns past C have count 0 and are not stored; the guard only keeps them from dividing 0 by 0.
-    tl.store(var_ptr + cols, m2 / tl.where(count > 0, count, 1.0), mask=col_mask)
 
 
 @triton.jit
@@ -321,20 +257,11 @@ def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _batch_norm_stats_into(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
-    """Write x's per-channel mean and biased variance into the float32 vectors ``mean`` and ``var``."""
-    n, c, h, w = x.shape
-    rows = n * h * w
-    block_r, block_c = _tile(x)
-    channel_blocks = triton.cdiv(c, block_c)
-    splits, rows_per_split = _split(rows, block_r, channel_blocks)
-    partial = _alloc((3, splits, c), torch.float32, x.device) if splits > 1 else mean
-    _bn_stats_kernel[(channel_blocks, splits)](x, partial, mean, var, c, h, w, rows, rows_per_split, *_strides(x),
-                                               SINGLE_SPLIT=splits == 1, BLOCK_R=block_r, BLOCK_C=block_c)
-    if splits == 1:
-        return
-    combine_block = min(1024, triton.next_power_of_2(c))
-    _bn_stats_combine_kernel[(triton.cdiv(c, combine_block),)](partial, mean, var, c, splits,
-                                                               BLOCK_C=combine_block)
+    """Write x's per-channel mean and biased variance into the float32 vectors ``mean`` and ``var``.
+
+    The statistics kernels are :mod:`perfkit.kernels.wrc`'s: one implementation for both fused blocks.
+    """
+    _wrc.batch_norm_stats_into(x, mean, var)
 
 
 def bn_relu_apply(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
@@ -426,25 +353,62 @@ def _bn_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return bn_relu_apply(x, mean, var, weight, bias, eps, out_dtype, running=running), mean, var, True
 
 
-class _BnReluFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        y, mean, var, batch_stats = _bn_relu_forward(x, weight, bias, running_mean, running_var, training,
-                                                     momentum, eps)
-        # Saved: x and the statistics, not y (the consumer of y keeps it if it needs it).
-        ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.batch_stats = batch_stats
-        ctx.eps = eps
-        return y
+@_library.op("bn_relu")
+def _bn_relu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
+                running_var: torch.Tensor | None, batch_stats: bool,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)``: BN+ReLU with x's batch statistics (returned, float32) or the running ones (then
+    ``mean`` and ``var`` are empty). Functional: :func:`bn_relu` updates the running statistics."""
+    if batch_stats:
+        mean, var = batch_norm_stats(x)
+        return bn_relu_apply(x, mean, var, weight, bias, eps), mean, var
+    empty = (x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32))
+    return bn_relu_apply(x, running_mean, running_var, weight, bias, eps), *empty
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, bias, mean, var = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = bn_relu_backward(x, grad_y, mean, var, weight, bias, ctx.eps,
-                                                          batch_stats=ctx.batch_stats,
-                                                          need_grad_x=ctx.needs_input_grad[0])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+@_bn_relu_op.register_fake
+def _bn_relu_fake(x, weight, bias, running_mean, running_var, batch_stats, eps):
+    channels = x.shape[1] if batch_stats else 0
+    y = torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return y, x.new_empty((channels,), dtype=torch.float32), x.new_empty((channels,), dtype=torch.float32)
+
+
+@_library.op("bn_relu_backward")
+def _bn_relu_backward_op(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor, eps: float, batch_stats: bool,
+                         need_grad_x: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight, grad_bias)``; grad_x is empty unless ``need_grad_x``."""
+    grad_x, grad_weight, grad_bias = bn_relu_backward(x, grad_y, mean, var, weight, bias, eps,
+                                                      batch_stats=batch_stats, need_grad_x=need_grad_x)
+    # The two parameter gradients are rows of one sum: op outputs own their storage.
+    return (grad_x if grad_x is not None else x.new_empty((0,)), grad_weight.clone(), grad_bias.clone())
+
+
+@_bn_relu_backward_op.register_fake
+def _bn_relu_backward_fake(grad_y, x, mean, var, weight, bias, eps, batch_stats, need_grad_x):
+    grad_x = (torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+              if need_grad_x else x.new_empty((0,)))
+    return grad_x, torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _bn_relu_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, running_mean, running_var, batch_stats, eps = inputs
+    _, mean, var = output
+    # Saved: x, the parameters and the statistics used, not y (the consumer of y keeps it if it needs it).
+    ctx.save_for_backward(x, weight, bias, *((mean, var) if batch_stats else (running_mean, running_var)))
+    ctx.batch_stats, ctx.eps = batch_stats, eps
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _bn_relu_backward_formula(ctx, grad_y, _grad_mean, _grad_var):
+    x, weight, bias, mean, var = ctx.saved_tensors
+    need_grad_x = ctx.needs_input_grad[0]
+    grad_x, grad_weight, grad_bias = torch.ops.perfkit.bn_relu_backward(grad_y, x, mean, var, weight, bias, ctx.eps,
+                                                                        ctx.batch_stats, need_grad_x)
+    return grad_x if need_grad_x else None, grad_weight, grad_bias, None, None, None, None
+
+
+_bn_relu_op.register_autograd(_bn_relu_backward_formula, setup_context=_bn_relu_setup_context)
 
 
 def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor | None,
@@ -455,7 +419,20 @@ def bn_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, running_m
     ``x`` may be any strided 4-D tensor, a channel-prefix view of a larger buffer included (read in place).
     Training reads x twice (statistics, then normalize); eval once. See :func:`bn_relu_bytes_moved`.
     """
-    return _BnReluFunction.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    _check_4d(x, "x")
+    tracking = running_mean is not None and running_var is not None
+    batch_stats = training or not tracking
+    if training and tracking and momentum is None:
+        raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
+                         "1/num_batches_tracked for momentum=None)")
+    y, mean, var = torch.ops.perfkit.bn_relu(x, weight, bias, None if batch_stats else running_mean,
+                                             None if batch_stats else running_var, batch_stats, eps)
+    if training and tracking:
+        n, _, h, w = x.shape
+        with torch.no_grad():
+            _update_running(NormState(True, running_mean, running_var, momentum, eps), mean, var,
+                            n * h * w / max(n * h * w - 1, 1))
+    return y
 
 
 def bn_relu_bytes_moved(shape: Sequence[int], dtype: torch.dtype, *, training: bool,
@@ -542,10 +519,11 @@ class _BlockForward:
     """What a forward leaves for backward: the buffer, the channel statistics, each BC layer's h and stats."""
 
     buffer: torch.Tensor | None
-    """The block's output; the autograd Function moves it to save_for_backward and leaves None here."""
     channel_mean: torch.Tensor | None
+    """Batch mean of every channel a norm1 reads (all but the last layer's output), float32; None in eval."""
     channel_var: torch.Tensor | None
-    bottleneck: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+    bottleneck: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None]
+    """Per layer: None (plain), or (h if kept for backward, norm2's mean, norm2's var)."""
     conv_dtype: torch.dtype
 
 
@@ -561,24 +539,34 @@ def _norm_inputs(layer_norm: NormState, channel_mean: torch.Tensor | None, chann
     return layer_norm.running_mean, layer_norm.running_var, False
 
 
-def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
-                         keep_for_backward: bool) -> _BlockForward:
+def _growth(layers: Sequence[DenseLayerTensors]) -> int:
+    return layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
+
+
+def _stats_channels(c_in: int, layers: Sequence[DenseLayerTensors]) -> int:
+    """Channels whose batch statistics a norm1 reads: all but the last layer's output (0 if none uses them)."""
+    if not any(_uses_batch_stats(layer.norm1) for layer in layers):
+        return 0
+    return _layer_channels(c_in, _growth(layers), len(layers) - 1)
+
+
+def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors], keep_for_backward: bool,
+                         conv_dtype: torch.dtype) -> _BlockForward:
+    """The block's forward; running statistics are not touched (the caller updates them from the outputs)."""
     n, c_in, h, w = x.shape
-    growth = layers[0].conv2_weight.shape[0] if layers[0].bottleneck else layers[0].conv1_weight.shape[0]
+    growth = _growth(layers)
     c_out = _layer_channels(c_in, growth, len(layers))
     buffer = _alloc((n, c_out, h, w), x.dtype, x.device, _memory_format(x))
     buffer[:, :c_in].copy_(x)
-    conv_dtype = _conv_dtype(x)
-    rows = n * h * w
-    batch_stats_needed = any(_uses_batch_stats(layer.norm1) for layer in layers)
+    stats_channels = _stats_channels(c_in, layers)
     channel_mean = channel_var = None
-    if batch_stats_needed:
-        if rows < 2:
+    if stats_channels:
+        if n * h * w < 2:
             raise ValueError(f"batch statistics need more than 1 value per channel; got input {tuple(x.shape)}")
-        channel_mean = _alloc((c_out,), torch.float32, x.device)
-        channel_var = _alloc((c_out,), torch.float32, x.device)
+        channel_mean = _alloc((stats_channels,), torch.float32, x.device)
+        channel_var = _alloc((stats_channels,), torch.float32, x.device)
         _batch_norm_stats_into(x, channel_mean[:c_in], channel_var[:c_in])
-    bottleneck_saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+    bottleneck_saved: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor] | None] = []
     # The convolutions run in conv_dtype explicitly (autocast's choice), so backward can repeat them exactly.
     with torch.autocast(x.device.type, enabled=False):
         for index, layer in enumerate(layers):
@@ -586,10 +574,7 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
             prefix = buffer[:, :c]
             norm1 = layer.norm1
             mean, var, _ = _norm_inputs(norm1, channel_mean, channel_var, c)
-            running = (norm1.running_mean, norm1.running_var, norm1.momentum) \
-                if norm1.training and norm1.running_mean is not None else None
-            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype,
-                              running=running)
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, norm1.eps, conv_dtype)
             out = _conv_forward(z, layer.conv1_weight)
             del z
             saved = None
@@ -597,88 +582,229 @@ def _dense_block_forward(x: torch.Tensor, layers: Sequence[DenseLayerTensors],
                 hidden = out
                 norm2 = layer.norm2
                 a, mean2, var2, _ = _bn_relu_forward(hidden, layer.norm2_weight, layer.norm2_bias, norm2.running_mean,
-                                                     norm2.running_var, norm2.training, norm2.momentum,
-                                                     norm2.eps)
+                                                     norm2.running_var, norm2.training, None, norm2.eps)
                 out = _conv_forward(a, layer.conv2_weight)
                 del a
-                if keep_for_backward:
-                    saved = (hidden, mean2, var2)
+                saved = (hidden if keep_for_backward else None, mean2, var2)
             bottleneck_saved.append(saved)
             buffer[:, c:c + growth].copy_(out)
-            if batch_stats_needed and index + 1 < len(layers):
+            if c + growth <= stats_channels:
                 # From the buffer, not `out`: the statistics must be those of the stored (rounded) channels.
                 _batch_norm_stats_into(buffer[:, c:c + growth], channel_mean[c:c + growth],
                                        channel_var[c:c + growth])
     return _BlockForward(buffer, channel_mean, channel_var, bottleneck_saved, conv_dtype)
 
 
-class _DenseBlockFunction(torch.autograd.Function):
-    """The whole dense block as one autograd node; inputs: x, the layer specs, then every parameter."""
-
-    @staticmethod
-    def forward(ctx, x, layers, *params):
-        state = _dense_block_forward(x, layers, keep_for_backward=True)
-        # The buffer is the output and saved as such; params are inputs. The statistics and each BC
-        # layer's h are intermediates no one else holds, so they ride on ctx.
-        # The buffer leaves ctx.state: an output held on ctx (not through save_for_backward) would make a
-        # reference cycle output -> grad_fn -> ctx -> output and skip the version check.
-        ctx.save_for_backward(state.buffer)
-        buffer, state.buffer = state.buffer, None
-        ctx.state = state
-        ctx.layers = layers
-        ctx.in_channels = x.shape[1]
-        return buffer
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (buffer,) = ctx.saved_tensors
-        state: _BlockForward = ctx.state
-        layers: Sequence[DenseLayerTensors] = ctx.layers
-        c_in = ctx.in_channels
-        growth = (buffer.shape[1] - c_in) // len(layers)
-        # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
-        # complete once every later layer has been walked, which is when its own layer is reached.
-        grad_buffer = grad_out.clone(memory_format=_memory_format(buffer))
-        grads_per_layer = []
-        with torch.autocast(buffer.device.type, enabled=False):
-            for index in reversed(range(len(layers))):
-                layer = layers[index]
-                c = _layer_channels(c_in, growth, index)
-                grad_out_l = grad_buffer[:, c:c + growth]
-                grads = {}
-                if layer.bottleneck:
-                    hidden, mean2, var2 = state.bottleneck[index]
-                    a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
-                    grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
-                    del a
-                    batch2 = _uses_batch_stats(layer.norm2)
-                    grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
-                        hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
-                        batch_stats=batch2)
-                    del grad_a
-                    grad_out_l = grad_hidden
-                prefix = buffer[:, :c]
-                mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c)
-                z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
-                                  state.conv_dtype)
-                grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
-                del z, grad_out_l
-                need_grad_prefix = index > 0 or ctx.needs_input_grad[0]
-                _, grads["norm1_weight"], grads["norm1_bias"] = bn_relu_backward(
-                    prefix, grad_z, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
-                    batch_stats=batch_stats, grad_x_accumulate=grad_buffer[:, :c], need_grad_x=need_grad_prefix)
-                del grad_z
-                grads_per_layer.append(grads)
-        grads_per_layer.reverse()
-        param_grads = []
-        for layer, grads in zip(layers, grads_per_layer, strict=True):
-            param_grads += [grads["norm1_weight"], grads["norm1_bias"], grads["conv1"]]
+def _dense_block_backward(grad_out: torch.Tensor, buffer: torch.Tensor, layers: Sequence[DenseLayerTensors],
+                          state: _BlockForward, need_grad_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(grad_x, parameter gradients in :func:`_layer_params` order): the layers walked in reverse."""
+    c_in = buffer.shape[1] - len(layers) * _growth(layers)
+    growth = _growth(layers)
+    # The gradient buffer: every layer adds its prefix's gradient into it; a channel's gradient is
+    # complete once every later layer has been walked, which is when its own layer is reached.
+    grad_buffer = grad_out.clone(memory_format=_memory_format(buffer))
+    grads_per_layer = []
+    with torch.autocast(buffer.device.type, enabled=False):
+        for index in reversed(range(len(layers))):
+            layer = layers[index]
+            c = _layer_channels(c_in, growth, index)
+            grad_out_l = grad_buffer[:, c:c + growth]
+            grads = {}
             if layer.bottleneck:
-                param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
-        grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) \
-            if ctx.needs_input_grad[0] else None
-        return (grad_x, None, *param_grads)
+                hidden, mean2, var2 = state.bottleneck[index]
+                a = bn_relu_apply(hidden, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps)
+                grad_a, grads["conv2"] = _conv_backward(grad_out_l, a, layer.conv2_weight)
+                del a
+                grad_hidden, grads["norm2_weight"], grads["norm2_bias"] = bn_relu_backward(
+                    hidden, grad_a, mean2, var2, layer.norm2_weight, layer.norm2_bias, layer.norm2.eps,
+                    batch_stats=_uses_batch_stats(layer.norm2))
+                del grad_a
+                grad_out_l = grad_hidden
+            prefix = buffer[:, :c]
+            mean, var, batch_stats = _norm_inputs(layer.norm1, state.channel_mean, state.channel_var, c)
+            z = bn_relu_apply(prefix, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                              state.conv_dtype)
+            grad_z, grads["conv1"] = _conv_backward(grad_out_l, z, layer.conv1_weight)
+            del z, grad_out_l
+            _, grads["norm1_weight"], grads["norm1_bias"] = bn_relu_backward(
+                prefix, grad_z, mean, var, layer.norm1_weight, layer.norm1_bias, layer.norm1.eps,
+                batch_stats=batch_stats, grad_x_accumulate=grad_buffer[:, :c], need_grad_x=index > 0 or need_grad_x)
+            del grad_z
+            grads_per_layer.append(grads)
+    grads_per_layer.reverse()
+    param_grads = []
+    for layer, grads in zip(layers, grads_per_layer, strict=True):
+        param_grads += [grads["norm1_weight"], grads["norm1_bias"], grads["conv1"]]
+        if layer.bottleneck:
+            param_grads += [grads["norm2_weight"], grads["norm2_bias"], grads["conv2"]]
+    grad_x = grad_buffer[:, :c_in].contiguous(memory_format=_memory_format(buffer)) if need_grad_x else None
+    return grad_x, param_grads
+
+
+# --------------------------------------------------------------------------------------------------------
+# The dense block as ops: perfkit::dense_block_forward (functional, autograd registered on it) and
+# perfkit::dense_block_backward, each with a fake implementation. The layers travel as flat lists: the
+# parameters in _layer_params order, and per BatchNorm (norm1, then norm2 for BC layers) whether it uses
+# batch statistics, its eps, and its running mean and variance (None where batch statistics are used).
+# The running statistics are not mutated by the op: dense_block updates them from the op's batch
+# statistics with torch ops, which keeps the op functional (autograd cannot be registered on a mutating op).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _layers_from(params: Sequence[torch.Tensor], stats: Sequence[torch.Tensor | None], norm_batch: Sequence[bool],
+                 eps: Sequence[float], bottleneck: bool) -> list[DenseLayerTensors]:
+    norms = [NormState(batch, None if batch else stats[2 * i], None if batch else stats[2 * i + 1], None, eps[i])
+             for i, batch in enumerate(norm_batch)]
+    per_layer = 6 if bottleneck else 3
+    layers = []
+    for i in range(len(params) // per_layer):
+        p = params[i * per_layer:(i + 1) * per_layer]
+        if bottleneck:
+            layers.append(DenseLayerTensors(p[0], p[1], norms[2 * i], p[2], p[3], p[4], norms[2 * i + 1], p[5]))
+        else:
+            layers.append(DenseLayerTensors(p[0], p[1], norms[i], p[2]))
+    return layers
+
+
+@_library.op("dense_block_forward")
+def _dense_block_forward_op(x: torch.Tensor, params: list[torch.Tensor], stats: list[torch.Tensor | None],
+                            norm_batch: list[bool], eps: list[float], bottleneck: bool, conv_dtype: torch.dtype,
+                            keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor],
+                                                 list[torch.Tensor], list[torch.Tensor]]:
+    """``(buffer, channel_mean, channel_var, hidden, mean2, var2)``; the last three one entry per BC layer.
+
+    ``buffer`` is the block's output. The statistics are the batch ones (float32; empty where a norm uses
+    its running statistics); ``hidden`` (each BC layer's 1×1 output) is empty unless ``keep``.
+    """
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    state = _dense_block_forward(x, layers, keep, conv_dtype)
+    hidden, mean2, var2 = [], [], []
+    for layer, saved in zip(layers, state.bottleneck, strict=True):
+        if layer.bottleneck:
+            h, m, v = saved
+            batch = _uses_batch_stats(layer.norm2)
+            hidden.append(h if keep else x.new_empty((0,), dtype=conv_dtype))
+            # Eval: the running statistics are inputs, and an output may not alias an input.
+            mean2.append(m if batch else x.new_empty((0,), dtype=torch.float32))
+            var2.append(v if batch else x.new_empty((0,), dtype=torch.float32))
+    empty = (x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.float32))
+    channel_mean, channel_var = (state.channel_mean, state.channel_var) if state.channel_mean is not None else empty
+    return state.buffer, channel_mean, channel_var, hidden, mean2, var2
+
+
+@_dense_block_forward_op.register_fake
+def _dense_block_forward_fake(x, params, stats, norm_batch, eps, bottleneck, conv_dtype, keep):
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    n, c_in, h, w = x.shape
+    growth = _growth(layers)
+    fmt = _memory_format(x)
+    buffer = torch.empty((n, _layer_channels(c_in, growth, len(layers)), h, w), dtype=x.dtype, device=x.device,
+                         memory_format=fmt)
+    stats_channels = _stats_channels(c_in, layers)
+    channel_mean = x.new_empty((stats_channels,), dtype=torch.float32)
+    channel_var = x.new_empty((stats_channels,), dtype=torch.float32)
+    hidden, mean2, var2 = [], [], []
+    for index, layer in enumerate(layers):
+        if not layer.bottleneck:
+            continue
+        if keep:
+            # The convolution's own meta function gives h's strides, as the real convolution lays it out.
+            z = torch.empty((n, _layer_channels(c_in, growth, index), h, w), dtype=conv_dtype, device=x.device,
+                            memory_format=fmt)
+            hidden.append(_conv_forward(z, layer.conv1_weight))
+        else:
+            hidden.append(x.new_empty((0,), dtype=conv_dtype))
+        channels = layer.conv1_weight.shape[0] if _uses_batch_stats(layer.norm2) else 0
+        mean2.append(x.new_empty((channels,), dtype=torch.float32))
+        var2.append(x.new_empty((channels,), dtype=torch.float32))
+    return buffer, channel_mean, channel_var, hidden, mean2, var2
+
+
+@_library.op("dense_block_backward")
+def _dense_block_backward_op(grad_out: torch.Tensor, buffer: torch.Tensor, params: list[torch.Tensor],
+                             stats: list[torch.Tensor | None], channel_mean: torch.Tensor, channel_var: torch.Tensor,
+                             hidden: list[torch.Tensor], mean2: list[torch.Tensor], var2: list[torch.Tensor],
+                             norm_batch: list[bool], eps: list[float], bottleneck: bool, conv_dtype: torch.dtype,
+                             need_grad_x: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(grad_x, parameter gradients)``; grad_x is empty unless ``need_grad_x``."""
+    layers = _layers_from(params, stats, norm_batch, eps, bottleneck)
+    saved, index2 = [], 0
+    for layer in layers:
+        if not layer.bottleneck:
+            saved.append(None)
+            continue
+        norm2 = layer.norm2
+        batch = _uses_batch_stats(norm2)
+        saved.append((hidden[index2], mean2[index2] if batch else norm2.running_mean,
+                      var2[index2] if batch else norm2.running_var))
+        index2 += 1
+    state = _BlockForward(None, channel_mean, channel_var, saved, conv_dtype)
+    grad_x, grads = _dense_block_backward(grad_out, buffer, layers, state, need_grad_x)
+    # A gradient has its parameter's dtype and strides (the fake implementation promises them) and its own
+    # storage (BN+ReLU's weight and bias gradients are two rows of one sum; op outputs may not alias).
+    owned, storages = [], set()
+    for g, p in zip(grads, params, strict=True):
+        if g.stride() != p.stride() or g.storage_offset() or g.untyped_storage().data_ptr() in storages:
+            g = torch.empty_like(p).copy_(g)
+        storages.add(g.untyped_storage().data_ptr())
+        owned.append(g)
+    return (grad_x if grad_x is not None else buffer.new_empty((0,))), owned
+
+
+@_dense_block_backward_op.register_fake
+def _dense_block_backward_fake(grad_out, buffer, params, stats, channel_mean, channel_var, hidden, mean2, var2,
+                               norm_batch, eps, bottleneck, conv_dtype, need_grad_x):
+    n, c_out, h, w = buffer.shape
+    c_in = c_out - (len(params) // (6 if bottleneck else 3)) * (params[5] if bottleneck else params[2]).shape[0]
+    grad_x = (torch.empty((n, c_in, h, w), dtype=buffer.dtype, device=buffer.device,
+                          memory_format=_memory_format(buffer)) if need_grad_x else buffer.new_empty((0,)))
+    return grad_x, [torch.empty_like(p) for p in params]
+
+
+def _dense_setup_context(ctx, inputs, output) -> None:
+    x, params, stats, norm_batch, eps, bottleneck, conv_dtype, keep = inputs
+    buffer, channel_mean, channel_var, hidden, mean2, var2 = output
+    # Everything backward reads goes through save_for_backward: the buffer (the output), the parameters,
+    # eval-mode running statistics, the batch statistics and each BC layer's h. Autograd's version counters
+    # then catch an in-place change before backward (an optimizer step inside a gradient-accumulation
+    # loop), and saved_tensors_hooks (offloading, checkpointing) see all of it.
+    running = [t for t in stats if t is not None]
+    ctx.save_for_backward(buffer, *params, *running, channel_mean, channel_var, *hidden, *mean2, *var2)
+    ctx.layout = (len(params), [t is not None for t in stats], len(hidden))
+    ctx.config = (list(norm_batch), list(eps), bottleneck, conv_dtype)
+    ctx.mark_non_differentiable(channel_mean, channel_var, *hidden, *mean2, *var2)
+
+
+def _dense_backward(ctx, grad_buffer, *_):
+    saved = list(ctx.saved_tensors)
+    n_params, present, n_bc = ctx.layout
+    buffer, params, rest = saved[0], saved[1:1 + n_params], saved[1 + n_params:]
+    running = iter(rest[:sum(present)])
+    stats = [next(running) if is_present else None for is_present in present]
+    rest = rest[sum(present):]
+    channel_mean, channel_var = rest[0], rest[1]
+    hidden, mean2, var2 = rest[2:2 + n_bc], rest[2 + n_bc:2 + 2 * n_bc], rest[2 + 2 * n_bc:2 + 3 * n_bc]
+    norm_batch, eps, bottleneck, conv_dtype = ctx.config
+    need_grad_x = ctx.needs_input_grad[0]
+    grad_x, grads = torch.ops.perfkit.dense_block_backward(
+        grad_buffer, buffer, params, stats, channel_mean, channel_var, hidden, mean2, var2, norm_batch, eps,
+        bottleneck, conv_dtype, need_grad_x)
+    # The returned structure mirrors the inputs' pytree: a list is a node only if it holds nothing but tensors.
+    stats_grad = [None] * len(stats) if all(t is not None for t in stats) else None
+    return grad_x if need_grad_x else None, list(grads), stats_grad, None, None, None, None, None
+
+
+_dense_block_forward_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+
+
+def _update_running(norm: NormState, mean: torch.Tensor, var: torch.Tensor, unbias: float) -> None:
+    """nn.BatchNorm2d's running update from a batch's mean and biased variance (momentum resolved)."""
+    momentum = norm.momentum
+    if momentum is None:
+        raise ValueError("momentum is required when running statistics are updated (nn.BatchNorm2d passes "
+                         "1/num_batches_tracked for momentum=None)")
+    norm.running_mean.mul_(1.0 - momentum).add_(mean.to(norm.running_mean.dtype), alpha=momentum)
+    norm.running_var.mul_(1.0 - momentum).add_((var * unbias).to(norm.running_var.dtype), alpha=momentum)
 
 
 def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
@@ -690,6 +816,10 @@ def _layer_params(layer: DenseLayerTensors) -> list[torch.Tensor]:
 
 def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
     _check_4d(x, "x")
+    if x.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the fused dense block supports float32, bfloat16 and float16 (its "
+                        "kernels accumulate in float32, so float64 would silently lose precision: use the "
+                        "reference DenseBlock for float64)")
     if not layers:
         raise ValueError("a dense block needs at least one layer")
     bottleneck = layers[0].bottleneck
@@ -710,16 +840,40 @@ def _check_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> None:
                                  f"got {tuple(weight.shape[2:])}")
 
 
+def dense_block_op_args(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> tuple:
+    """The arguments of ``perfkit::dense_block_forward`` for ``layers`` on ``x`` (what :func:`dense_block` passes)."""
+    params = [p for layer in layers for p in _layer_params(layer)]
+    norms = [norm for layer in layers for norm in ((layer.norm1, layer.norm2) if layer.bottleneck else (layer.norm1,))]
+    norm_batch = [_uses_batch_stats(norm) for norm in norms]
+    stats = [t for norm, batch in zip(norms, norm_batch, strict=True)
+             for t in ((None, None) if batch else (norm.running_mean, norm.running_var))]
+    keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return x, params, stats, norm_batch, [norm.eps for norm in norms], layers[0].bottleneck, _conv_dtype(x), keep
+
+
 def dense_block(x: torch.Tensor, layers: Sequence[DenseLayerTensors]) -> torch.Tensor:
     """DenseNet block ``cat(x, f_0, f_1, ...)`` into one buffer, f_l = layer l on the channel prefix.
 
     Same result, gradients and running-statistics updates as the eager block (nn.BatchNorm2d semantics,
     each BatchNorm in its own ``NormState.training`` mode); training memory grows linearly in depth (see
-    the module docstring).
-    Differentiable when grad mode is on and x or a parameter requires grad; otherwise nothing is kept.
+    the module docstring). Differentiable when grad mode is on and x or a parameter requires grad;
+    otherwise nothing is kept for backward.
     """
     _check_block(x, layers)
-    params = [p for layer in layers for p in _layer_params(layer)]
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return _DenseBlockFunction.apply(x, tuple(layers), *params)
-    return _dense_block_forward(x, layers, keep_for_backward=False).buffer
+    buffer, channel_mean, channel_var, _, mean2, var2 = torch.ops.perfkit.dense_block_forward(
+        *dense_block_op_args(x, layers))
+    n, c_in, h, w = x.shape
+    unbias = n * h * w / max(n * h * w - 1, 1)
+    with torch.no_grad():
+        bc_index = 0
+        for index, layer in enumerate(layers):
+            norm1 = layer.norm1
+            if norm1.training and norm1.running_mean is not None:
+                c = _layer_channels(c_in, _growth(layers), index)
+                _update_running(norm1, channel_mean[:c], channel_var[:c], unbias)
+            if layer.bottleneck:
+                norm2 = layer.norm2
+                if norm2.training and norm2.running_mean is not None:
+                    _update_running(norm2, mean2[bc_index], var2[bc_index], unbias)
+                bc_index += 1
+    return buffer

@@ -41,8 +41,6 @@ one more activation; ``s`` is also what dbeta needs), the per-channel ``mean`` a
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -53,10 +51,9 @@ except ImportError as error:  # pragma: no cover - exercised only where triton i
         "perfkit.kernels.wrc needs triton (`pip install triton`); the `triton` variant is unavailable without it"
     ) from error
 
-__all__ = ["bytes_moved", "wrc_epilogue"]
+from . import _library
 
-# triton.jit decides between the compiler and the interpreter when the kernels are decorated, at import.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+__all__ = ["batch_norm_stats_into", "bytes_moved", "wrc_epilogue"]
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -492,7 +489,7 @@ def _check_inputs(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: 
     for name, t in named.items():
         if t is not None and t.device != y.device:
             raise ValueError(f"{name} is on {t.device} but y is on {y.device}: every tensor must be on one device")
-    if y.device.type == "cpu" and not _INTERPRETED:
+    if y.device.type == "cpu" and not _library.INTERPRETED:
         raise RuntimeError("the Triton kernels got CPU tensors: run on a GPU, or set TRITON_INTERPRET=1 before "
                            "importing perfkit.kernels.wrc to run them in Triton's (slow) CPU interpreter")
     for name, t in (("y", y), ("s", s)):
@@ -507,25 +504,28 @@ def _check_inputs(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def _batch_stats(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                 momentum: float | None, num_batches_tracked: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance (float32); updates the running statistics if given."""
+                 momentum: float | None, num_batches_tracked: torch.Tensor | None,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (float32, into ``out`` if given); updates the running
+    statistics if given."""
     space = _Space([y])
     channels, device = space.channels, y.device
     tiles_per_program, partials = _reduction_split(space.tiles)
     count_part = _allocate((partials, channels), torch.float32, device)
     mean_part = _allocate((partials, channels), torch.float32, device)
     m2_part = _allocate((partials, channels), torch.float32, device)
-    mean = _allocate((channels,), torch.float32, device)
-    var = _allocate((channels,), torch.float32, device)
+    if out is None:
+        out = (_allocate((channels,), torch.float32, device), _allocate((channels,), torch.float32, device))
+    mean, var = out
     grid = (partials, space.channel_blocks)
-    _bn_stats_kernel[grid](
+    _library.launch(_bn_stats_kernel)[grid](
         y, count_part, mean_part, m2_part, space.batch, channels, space.spatial, *space.stride_args(),
         BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=tiles_per_program,
     )
     update = running_mean is not None
     cumulative = update and momentum is None
     block_p, block_c = _finalize_blocks(partials, channels)
-    _bn_stats_finalize_kernel[(triton.cdiv(channels, block_c),)](
+    _library.launch(_bn_stats_finalize_kernel)[(triton.cdiv(channels, block_c),)](
         count_part, mean_part, m2_part, partials, channels, mean, var,
         running_mean if update else mean, running_var if update else var,
         num_batches_tracked if cumulative else mean, 0.0 if momentum is None else float(momentum),
@@ -539,79 +539,143 @@ def _forward(y: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, var: torch.Te
     """Launch ``_wrc_fwd_kernel``: ``out`` in y's memory format, dtype promoted from y's and s's."""
     out = _allocate(tuple(y.shape), torch.promote_types(y.dtype, s.dtype), y.device, _memory_format(y))
     space = _Space([y, s, out])
-    _wrc_fwd_kernel[(space.tiles, space.channel_blocks)](
+    _library.launch(_wrc_fwd_kernel)[(space.tiles, space.channel_blocks)](
         y, s, out, mean, var, weight, bias, alpha, beta, eps, space.batch, space.channels, space.spatial,
         *space.stride_args(), BLOCK_HW=space.block_hw, BLOCK_C=space.block_c,
     )
     return out
 
 
-class _WRCEpilogueFunction(torch.autograd.Function):
-    """Autograd glue: forward launches the stats and epilogue kernels, backward the three backward kernels."""
+# --------------------------------------------------------------------------------------------------------------
+# The ops: perfkit::bn_stats (mutates the running statistics), perfkit::wrc_epilogue (autograd registered on
+# it) and perfkit::wrc_backward, each with a fake implementation for FakeTensorMode and torch.compile.
+# --------------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, y, s, weight, bias, alpha, beta, running_mean, running_var, num_batches_tracked,
-                training: bool, momentum: float | None, eps: float):
-        y, s = _mergeable(y), _mergeable(s)
-        if training:
-            mean, var = _batch_stats(y, running_mean, running_var, momentum, num_batches_tracked)
-        else:
-            mean, var = running_mean, running_var
-        out = _forward(y, s, mean, var, weight, bias, alpha, beta, eps)
-        ctx.save_for_backward(y, s, weight, bias, alpha, beta, mean, var)
-        ctx.training, ctx.eps = training, eps
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        y, s, weight, bias, alpha, beta, mean, var = ctx.saved_tensors
-        need_dy, need_ds, need_dweight, need_dbias, need_dalpha, need_dbeta = ctx.needs_input_grad[:6]
-        dout = _mergeable(dout)
-        space = _Space([dout, y, s])
-        channels, device = space.channels, y.device
-        need_sums = (need_dy and ctx.training) or need_dweight or need_dbias or need_dalpha or need_dbeta
-        dweight = dbias = dalpha = dbeta = None
-        sum_g = sum_g_yhat = mean  # placeholders for pointer arguments a constexpr branch never reads
-        if need_sums:
-            tiles_per_program, partials = _reduction_split(space.tiles)
-            sum_g_part = _allocate((partials, channels), torch.float32, device)
-            sum_g_yhat_part = _allocate((partials, channels), torch.float32, device)
-            sum_g_s_part = _allocate((partials, channels), torch.float32, device) if need_dbeta else sum_g_part
-            _wrc_bwd_reduce_kernel[(partials, space.channel_blocks)](
-                dout, y, s, mean, var, weight, bias, alpha, beta, ctx.eps, sum_g_part, sum_g_yhat_part,
-                sum_g_s_part, space.batch, channels, space.spatial, *space.stride_args(),
-                NEED_G_S=need_dbeta, BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=tiles_per_program,
-            )
-            sum_g = _allocate((channels,), torch.float32, device)
-            sum_g_yhat = _allocate((channels,), torch.float32, device)
-            dweight = _allocate((channels,), weight.dtype, device)
-            dbias = _allocate((channels,), bias.dtype, device)
-            dalpha_channel = _allocate((channels,), torch.float32, device)
-            dbeta_channel = _allocate((channels,), torch.float32, device) if need_dbeta else dalpha_channel
-            block_p, block_c = _finalize_blocks(partials, channels)
-            _wrc_bwd_finalize_kernel[(triton.cdiv(channels, block_c),)](
-                sum_g_part, sum_g_yhat_part, sum_g_s_part, partials, channels, weight, bias, alpha,
-                sum_g, sum_g_yhat, dweight, dbias, dalpha_channel, dbeta_channel,
-                NEED_G_S=need_dbeta, BLOCK_P=block_p, BLOCK_C=block_c,
-            )
-            # The last C-to-1 sums stay in torch: C floats, deterministic, cheaper than a cross-program
-            # reduction kernel or atomics for one scalar each.
-            dalpha = dalpha_channel.sum().to(alpha.dtype).reshape(alpha.shape) if need_dalpha else None
-            dbeta = dbeta_channel.sum().to(beta.dtype).reshape(beta.shape) if need_dbeta else None
-        dy = _allocate(tuple(y.shape), y.dtype, device, _memory_format(y)) if need_dy else None
-        ds = _allocate(tuple(s.shape), s.dtype, device, _memory_format(s)) if need_ds else None
-        if need_dy or need_ds:
-            dx_space = _Space([dout, y, s, dy if need_dy else y, ds if need_ds else s])
-            count = y.shape[0] * y.shape[2] * y.shape[3]
-            _wrc_bwd_dx_kernel[(dx_space.tiles, dx_space.channel_blocks)](
-                dout, y, s, dy if need_dy else y, ds if need_ds else s, mean, var, weight, bias, alpha, beta,
-                ctx.eps, sum_g, sum_g_yhat, 1.0 / count, dx_space.batch, channels, dx_space.spatial,
-                *dx_space.stride_args(), BATCH_STATS=ctx.training, WRITE_DY=need_dy, WRITE_DS=need_ds,
-                BLOCK_HW=dx_space.block_hw, BLOCK_C=dx_space.block_c,
-            )
-        return (dy, ds, dweight if need_dweight else None, dbias if need_dbias else None, dalpha, dbeta,
-                None, None, None, None, None, None)
+@_library.op("bn_stats", mutates_args=("running_mean", "running_var"))
+def _bn_stats_op(y: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                 num_batches_tracked: torch.Tensor | None, momentum: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (float32); the running statistics, when given, updated in place.
+
+    The update is the mutation this op declares. The op has no autograd of its own: the epilogue's backward
+    (with ``training=True``) carries the gradient through the batch statistics, so callers pass ``y`` detached.
+    """
+    return _batch_stats(_mergeable(y), running_mean, running_var, momentum, num_batches_tracked)
+
+
+@_bn_stats_op.register_fake
+def _bn_stats_fake(y, running_mean, running_var, num_batches_tracked, momentum):
+    channels = y.shape[1]
+    return y.new_empty((channels,), dtype=torch.float32), y.new_empty((channels,), dtype=torch.float32)
+
+
+@_library.op("wrc_epilogue")
+def _wrc_epilogue_op(y: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, training: bool,
+                     eps: float) -> torch.Tensor:
+    """``relu(alpha·(y − mean)/sqrt(var + eps)·weight + alpha·bias + beta·s)``.
+
+    ``training`` says that ``mean`` and ``var`` are y's own batch statistics, so backward differentiates
+    through them; otherwise they are constants (the running statistics).
+    """
+    return _forward(_mergeable(y), _mergeable(s), mean, var, weight, bias, alpha, beta, eps)
+
+
+@_wrc_epilogue_op.register_fake
+def _wrc_epilogue_fake(y, s, mean, var, weight, bias, alpha, beta, training, eps):
+    return torch.empty(tuple(y.shape), dtype=torch.promote_types(y.dtype, s.dtype), device=y.device,
+                       memory_format=_memory_format(y))
+
+
+@_library.op("wrc_backward")
+def _wrc_backward_op(dout: torch.Tensor, y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     alpha: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool,
+                     eps: float, needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                             torch.Tensor, torch.Tensor]:
+    """``(dy, ds, dweight, dbias, dalpha, dbeta)``; a gradient whose ``needs`` flag is False is an empty tensor.
+
+    An op cannot return None, and an empty placeholder keeps the fake implementation exact.
+    """
+    need_dy, need_ds, need_dweight, need_dbias, need_dalpha, need_dbeta = needs
+    y, s, dout = _mergeable(y), _mergeable(s), _mergeable(dout)
+    space = _Space([dout, y, s])
+    channels, device = space.channels, y.device
+    need_sums = (need_dy and training) or need_dweight or need_dbias or need_dalpha or need_dbeta
+    dweight = dbias = dalpha = dbeta = None
+    sum_g = sum_g_yhat = mean  # placeholders for pointer arguments a constexpr branch never reads
+    if need_sums:
+        tiles_per_program, partials = _reduction_split(space.tiles)
+        sum_g_part = _allocate((partials, channels), torch.float32, device)
+        sum_g_yhat_part = _allocate((partials, channels), torch.float32, device)
+        sum_g_s_part = _allocate((partials, channels), torch.float32, device) if need_dbeta else sum_g_part
+        _library.launch(_wrc_bwd_reduce_kernel)[(partials, space.channel_blocks)](
+            dout, y, s, mean, var, weight, bias, alpha, beta, eps, sum_g_part, sum_g_yhat_part,
+            sum_g_s_part, space.batch, channels, space.spatial, *space.stride_args(),
+            NEED_G_S=need_dbeta, BLOCK_HW=space.block_hw, BLOCK_C=space.block_c, TILES=tiles_per_program,
+        )
+        sum_g = _allocate((channels,), torch.float32, device)
+        sum_g_yhat = _allocate((channels,), torch.float32, device)
+        dweight = _allocate((channels,), weight.dtype, device)
+        dbias = _allocate((channels,), bias.dtype, device)
+        dalpha_channel = _allocate((channels,), torch.float32, device)
+        dbeta_channel = _allocate((channels,), torch.float32, device) if need_dbeta else dalpha_channel
+        block_p, block_c = _finalize_blocks(partials, channels)
+        _library.launch(_wrc_bwd_finalize_kernel)[(triton.cdiv(channels, block_c),)](
+            sum_g_part, sum_g_yhat_part, sum_g_s_part, partials, channels, weight, bias, alpha,
+            sum_g, sum_g_yhat, dweight, dbias, dalpha_channel, dbeta_channel,
+            NEED_G_S=need_dbeta, BLOCK_P=block_p, BLOCK_C=block_c,
+        )
+        # The last C-to-1 sums stay in torch: C floats, deterministic, cheaper than a cross-program
+        # reduction kernel or atomics for one scalar each.
+        dalpha = dalpha_channel.sum().to(alpha.dtype).reshape(alpha.shape) if need_dalpha else None
+        dbeta = dbeta_channel.sum().to(beta.dtype).reshape(beta.shape) if need_dbeta else None
+    dy = _allocate(tuple(y.shape), y.dtype, device, _memory_format(y)) if need_dy else None
+    ds = _allocate(tuple(s.shape), s.dtype, device, _memory_format(s)) if need_ds else None
+    if need_dy or need_ds:
+        dx_space = _Space([dout, y, s, dy if need_dy else y, ds if need_ds else s])
+        count = y.shape[0] * y.shape[2] * y.shape[3]
+        _library.launch(_wrc_bwd_dx_kernel)[(dx_space.tiles, dx_space.channel_blocks)](
+            dout, y, s, dy if need_dy else y, ds if need_ds else s, mean, var, weight, bias, alpha, beta,
+            eps, sum_g, sum_g_yhat, 1.0 / count, dx_space.batch, channels, dx_space.spatial,
+            *dx_space.stride_args(), BATCH_STATS=training, WRITE_DY=need_dy, WRITE_DS=need_ds,
+            BLOCK_HW=dx_space.block_hw, BLOCK_C=dx_space.block_c,
+        )
+    grads = (dy, ds, dweight if need_dweight else None, dbias if need_dbias else None, dalpha, dbeta)
+    return tuple(y.new_empty((0,)) if g is None else g for g in grads)
+
+
+@_wrc_backward_op.register_fake
+def _wrc_backward_fake(dout, y, s, weight, bias, alpha, beta, mean, var, training, eps, needs):
+    grads = (
+        torch.empty(tuple(y.shape), dtype=y.dtype, device=y.device, memory_format=_memory_format(y)),
+        torch.empty(tuple(s.shape), dtype=s.dtype, device=s.device, memory_format=_memory_format(s)),
+        weight.new_empty(weight.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape),
+        beta.new_empty(beta.shape),
+    )
+    return tuple(g if need else y.new_empty((0,)) for g, need in zip(grads, needs, strict=True))
+
+
+def _wrc_setup_context(ctx, inputs, output) -> None:
+    y, s, mean, var, weight, bias, alpha, beta, training, eps = inputs
+    # Everything backward reads, parameters and statistics included, goes through save_for_backward:
+    # autograd's version counters then catch an in-place change before backward (as eager's would), and
+    # saved_tensors_hooks (offloading, checkpointing) see all the op keeps.
+    ctx.save_for_backward(y, s, weight, bias, alpha, beta, mean, var)
+    ctx.training, ctx.eps = training, eps
+
+
+def _wrc_backward(ctx, dout):
+    y, s, weight, bias, alpha, beta, mean, var = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[i] for i in (0, 1, 4, 5, 6, 7)]
+    dy, ds, dweight, dbias, dalpha, dbeta = (
+        g if need else None
+        for g, need in zip(torch.ops.perfkit.wrc_backward(dout, y, s, weight, bias, alpha, beta, mean, var,
+                                                          ctx.training, ctx.eps, needs), needs, strict=True))
+    return dy, ds, None, None, dweight, dbias, dalpha, dbeta, None, None
+
+
+_wrc_epilogue_op.register_autograd(_wrc_backward, setup_context=_wrc_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -641,8 +705,21 @@ def wrc_epilogue(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: t
                   num_batches_tracked)
     if training and running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    return _WRCEpilogueFunction.apply(y, s, weight, bias, alpha, beta, running_mean, running_var,
-                                      num_batches_tracked, training, momentum, eps)
+    if training:
+        mean, var = torch.ops.perfkit.bn_stats(y.detach(), running_mean, running_var, num_batches_tracked, momentum)
+    else:
+        mean, var = running_mean, running_var
+    return torch.ops.perfkit.wrc_epilogue(y, s, mean, var, weight, bias, alpha, beta, training, eps)
+
+
+def batch_norm_stats_into(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> None:
+    """Write y's per-channel batch mean and biased variance into the contiguous float32 vectors ``mean`` and ``var``.
+
+    The one BatchNorm-statistics kernel pair (``_bn_stats_kernel``, ``_bn_stats_finalize_kernel``) of both
+    fused blocks: the dense block calls this for each channel slice it writes. ``y`` may be any channel or
+    batch slice of a dense tensor (read in place).
+    """
+    _batch_stats(_mergeable(y), None, None, None, None, out=(mean, var))
 
 
 def bytes_moved(y: torch.Tensor, training: bool, *, backward: bool = False) -> int:

@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="perfkit", description="Profile and optimize CNN building blocks: one "
                                      "subcommand per job (perfkit COMMAND --help for its options).")
+    parser.add_argument("--import", dest="import_modules", metavar="MODULES",
+                        help="comma-separated modules whose @perfkit.register calls add blocks, imported before the "
+                             "command (also PERFKIT_IMPORT; installed packages use the perfkit.blocks entry points)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
     _add_report(sub)
@@ -275,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``perfkit`` console script; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    if args.import_modules:
+        import os
+
+        from perfkit.registry import IMPORT_ENV, import_modules
+
+        try:
+            import_modules(args.import_modules)
+        except ImportError as exc:
+            print(f"perfkit --import: {exc}", file=sys.stderr)
+            return 2
+        # Exported so that the subprocesses a command starts (isolated cells, workers) register them too.
+        os.environ[IMPORT_ENV] = args.import_modules
     try:
         return args.func(args)
     except (KeyError, ValueError) as exc:

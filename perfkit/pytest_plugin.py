@@ -23,6 +23,9 @@ option                      environment          meaning
 ``--perfkit-shard``         ``PERFKIT_SHARD``    ``K/N``: only shard K of N, balanced by estimated cost
                                                  (``perfkit/shard.py``; the same split on every machine)
 ``--perfkit-isolate``       ``PERFKIT_ISOLATE``  each block's cells in a fresh process (``perfkit/workers.py``)
+``--perfkit-import``        ``PERFKIT_IMPORT``   comma list of modules whose ``@perfkit.register`` calls add
+                                                 blocks (a user's own models); installed packages may also
+                                                 expose them through the ``perfkit.blocks`` entry points
 ==========================  ===================  ==========================================================
 
 A profile with a time limit (``gpu-smoke``) and a shard print the plan (every cell's estimated cost, the
@@ -78,6 +81,7 @@ from perfkit.plan import (
     session_s,
 )
 from perfkit.record import Record, append_jsonl
+from perfkit.registry import ENTRY_POINT_GROUP, IMPORT_ENV, import_modules, plugin_errors
 from perfkit.shard import assign_shards, parse_shard
 from perfkit.variants import MODES, parse_variant
 from perfkit.workers import WORKER_GPU_KEY, BlockProcess, visible_gpus, worker_gpu
@@ -119,7 +123,10 @@ PROFILES = {
         network_batches=(8,),
         bench_shape=False,
         policy=QUICK_POLICY,
-        extra_cells=(("basic", "compile"),),
+        # The hand-written kernels inside a compiled block (perfkit::wrc_* ops, opaque to dynamo): on the CPU
+        # only gate-checked, under TRITON_INTERPRET=1 (make bench sets it where there is no GPU).
+        extra_cells=(("basic", "compile"), ("wrc", "triton+compile"), ("wrc", "channels_last+triton+compile"),
+                     ("wrc", "channels_last+bf16+triton+compile")),
         # A first compile of each kernel expression would cost ~25 s apiece here; the GPU profile has them.
         kernel_variants=("eager", "triton"),
     ),
@@ -177,6 +184,7 @@ OPTIONS = {
     "jsonl": "PERFKIT_JSONL",
     "kernels": "PERFKIT_KERNELS",
     "shard": "PERFKIT_SHARD",
+    "import": "PERFKIT_IMPORT",
 }
 ISOLATE_ENV = "PERFKIT_ISOLATE"
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
@@ -197,6 +205,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
         "shard": "K/N: run only shard K of N (1-based), cells balanced by estimated cost",
+        "import": "comma-separated modules to import first; their @perfkit.register calls add blocks",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -277,7 +286,20 @@ class MatrixConfig:
                 for d in self.profile.kernel_dtypes for layout in self.profile.kernel_layouts]
 
 
+def _import_blocks(config: pytest.Config) -> None:
+    """Import ``--perfkit-import``'s modules; exported, so subprocesses (workers, isolated cells) see them too."""
+    modules = _option(config, "import")
+    if not modules:
+        return
+    try:
+        import_modules(modules)
+    except ImportError as error:
+        raise pytest.UsageError(f"--perfkit-import: {error}") from None
+    os.environ[IMPORT_ENV] = modules
+
+
 def _resolve(config: pytest.Config) -> MatrixConfig:
+    _import_blocks(config)
     valid_names = perfkit.list_blocks()
     device_name = _option(config, "device")
     try:
@@ -466,6 +488,12 @@ class ProgressLines:
             f"[{progress['done']}/{progress['total']}] {report.nodeid.split('::')[-1]}: {outcome} in "
             f"{report.duration:.1f} s (estimate {cost.total_s if cost else 0:.1f} s); run {elapsed:.0f} s of an "
             f"estimated {progress['estimate_s']:.0f} s")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Name each ``perfkit.blocks`` entry point that failed to load, with its error; the rest of the run goes on."""
+    return [f"perfkit: {ENTRY_POINT_GROUP} entry point {name} failed to load: {error}"
+            for name, error in plugin_errors().items()]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

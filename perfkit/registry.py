@@ -7,8 +7,12 @@ name, construction takes keyword overrides, and a wrong name lists the right one
 from __future__ import annotations
 
 import fnmatch
+import importlib
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import torch
@@ -66,9 +70,64 @@ def register(name: str, *, kind: str, bench_shape: tuple[int, ...], test_shape: 
     return decorator
 
 
+ENTRY_POINT_GROUP = "perfkit.blocks"
+"""Entry-point group through which an installed package adds entries: each entry point names a module
+whose import runs its ``@perfkit.register(...)`` decorators (``mypkg.blocks``)."""
+
+IMPORT_ENV = "PERFKIT_IMPORT"
+"""Comma-separated modules imported with the built-in blocks, for every command (``--import``/``--perfkit-import``
+set it)."""
+
+_loaded = False
+_PLUGIN_ERRORS: dict[str, str] = {}
+
+
+def plugin_errors() -> dict[str, str]:
+    """``{entry point or module: error}`` for each ``perfkit.blocks`` entry point that failed to load."""
+    _load()
+    return dict(_PLUGIN_ERRORS)
+
+
+def import_modules(modules: str | list[str]) -> list[str]:
+    """Import modules whose ``@perfkit.register`` calls add entries; returns the names they added.
+
+    ``modules`` is a list or a comma-separated string (``"mypkg.blocks,other.nets"``). A module that cannot
+    be imported raises ImportError naming it and its error: it was asked for by name.
+    """
+    _load()
+    names = [m.strip() for m in (modules.split(",") if isinstance(modules, str) else modules) if m.strip()]
+    before = set(_REGISTRY)
+    for module in names:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            raise ImportError(f"cannot import {module!r} to register its blocks: {type(error).__name__}: {error}") \
+                from error
+    return sorted(set(_REGISTRY) - before)
+
+
 def _load() -> None:
+    """Import the built-in blocks, the ``perfkit.blocks`` entry points and ``$PERFKIT_IMPORT``, once."""
+    global _loaded
+    if _loaded:
+        return
     # Importing the block modules runs their @register decorators; done on first use, not at import.
     import perfkit.blocks  # noqa: F401
+
+    # Set before the plugins load: import_modules calls back here.
+    _loaded = True
+
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        # One broken package must not take the others, or the built-in blocks, down with it: its error
+        # is kept under its name and reported (pytest's header and a warning, the CLI's stderr).
+        try:
+            entry_point.load()
+        except Exception as error:
+            _PLUGIN_ERRORS[f"{entry_point.name} ({entry_point.value})"] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"perfkit: the {ENTRY_POINT_GROUP} entry point {entry_point.name!r} "
+                          f"({entry_point.value}) failed to load: {type(error).__name__}: {error}", stacklevel=2)
+    if os.environ.get(IMPORT_ENV):
+        import_modules(os.environ[IMPORT_ENV])
 
 
 def get_entry(name: str) -> Entry:

@@ -286,12 +286,12 @@ def _triton_unavailable(device: torch.device, model: nn.Module | None) -> str | 
         return "triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for a correctness-only run on the CPU)"
     if model is None:
         return None
-    from perfkit.fused import FUSED_FOR, fusable_modules
+    from perfkit.fused import FUSED_FOR, SUPPORTED, fusable_modules
+    from perfkit.fused.pattern import find_patterns
 
     names = fusable_modules(model)
-    if not names:
-        supported = ", ".join(t.__name__ for t in FUSED_FOR)
-        return f"no fused Triton kernel for {type(model).__name__} (fused: {supported})"
+    if not names and not find_patterns(model):
+        return f"no fused Triton kernel for {type(model).__name__} ({SUPPORTED})"
     for qualified in names:
         module_name, _ = FUSED_FOR[type(model.get_submodule(qualified))]
         if importlib.util.find_spec(module_name) is None:

@@ -135,7 +135,7 @@ def test_bn_relu_matches_batch_norm_relu(layout: str, dtype: torch.dtype, traini
 
 
 def test_split_reduction_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny tiles force many row splits, so the statistics' combine kernel and the gradient partials run."""
+    """Tiny tiles force many row splits, so the gradient partials run (statistics: kernels.wrc, tested there)."""
     monkeypatch.setattr(dense, "_tile", lambda x: (16, 4))
     x = _to_layout(_random_input((3, 6, 7, 7)) * 10 + 100, "channels_last")  # large mean against the spread
     mean, var = dense.batch_norm_stats(x)

@@ -18,6 +18,11 @@ FUSED_FOR = {
 }
 """Reference module type -> (module, class) of its fused replacement."""
 
+SUPPORTED = ("supported: " + ", ".join(t.__name__ for t in FUSED_FOR)
+             + ", and relu(bn(y) + s) or relu(bn(cat(...))) with an affine BatchNorm2d, found by torch.fx in any "
+             "module's code")
+"""What the ``triton`` variant fuses, for error messages."""
+
 
 def fusable_modules(model: nn.Module) -> list[str]:
     """Qualified names of the submodules (or the model itself, as "") the ``triton`` variant replaces."""
@@ -29,16 +34,19 @@ def fusable_modules(model: nn.Module) -> list[str]:
 
 
 def to_triton(model: nn.Module) -> nn.Module:
-    """Replace every fusable submodule of ``model`` in place; returns the model (or its replacement).
+    """Replace every fusable part of ``model`` in place; returns the model (or its replacement).
 
-    Raises ValueError naming the supported module types if nothing in ``model`` has a fused kernel.
+    Two passes: the class swap above for perfkit's own blocks (the fast path), then fusion by pattern
+    (:mod:`perfkit.fused.pattern`: ``relu(bn(y) + s)`` and ``relu(bn(cat(...)))`` found by ``torch.fx``
+    in any module's code, a torchvision- or timm-style ResNet's or DenseNet's included). Parameters and
+    buffers stay shared with ``model``. Raises ValueError naming what is supported if nothing in ``model``
+    has a fused kernel.
     """
     import importlib
 
+    from perfkit.fused.pattern import fuse_patterns
+
     names = fusable_modules(model)
-    if not names:
-        supported = ", ".join(t.__name__ for t in FUSED_FOR)
-        raise ValueError(f"{type(model).__name__} has no module with a fused Triton kernel (supported: {supported})")
     for name in names:
         reference = model.get_submodule(name)
         module_name, class_name = FUSED_FOR[type(reference)]
@@ -50,4 +58,7 @@ def to_triton(model: nn.Module) -> nn.Module:
             return fused
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, fused)
+    model, fused_by_pattern = fuse_patterns(model)
+    if not names and not fused_by_pattern:
+        raise ValueError(f"{type(model).__name__} has no module with a fused Triton kernel ({SUPPORTED})")
     return model

@@ -72,13 +72,23 @@ class FusedDenseBlock(nn.Module):
             norm.num_batches_tracked.add_(1)
             if norm.momentum is None:
                 momentum = 1.0 / float(norm.num_batches_tracked)
-        return NormState(norm.training, norm.running_mean, norm.running_var, momentum, norm.eps)
+        # nn.BatchNorm2d passes its buffers only when `not training or track_running_stats`: a training
+        # BatchNorm that does not track statistics normalizes with the batch's and leaves the buffers alone.
+        pass_running = not norm.training or norm.track_running_stats
+        return NormState(norm.training, norm.running_mean if pass_running else None,
+                         norm.running_var if pass_running else None, momentum, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from perfkit.kernels.dense import DenseLayerTensors, dense_block
+        from perfkit.kernels.dense import dense_block
 
         if x.shape[1] != self.in_channels:
             raise ValueError(f"expected {self.in_channels} input channels; got input of shape {tuple(x.shape)}")
+        return dense_block(x, self.layer_tensors())
+
+    def layer_tensors(self) -> list:
+        """The layers as ``perfkit.kernels.dense.DenseLayerTensors`` for one call (counts the batch in training)."""
+        from perfkit.kernels.dense import DenseLayerTensors
+
         layers = []
         for layer in self.layers:
             bottleneck = (dict(norm2_weight=layer.norm2.weight, norm2_bias=layer.norm2.bias,
@@ -86,4 +96,33 @@ class FusedDenseBlock(nn.Module):
                           if layer.bottleneck else {})
             layers.append(DenseLayerTensors(layer.norm1.weight, layer.norm1.bias, self._norm_state(layer.norm1),
                                             layer.conv1.weight, **bottleneck))
-        return dense_block(x, layers)
+        return layers
+
+
+class FusedBatchNormReLU(nn.Module):
+    """``relu(bn(x))`` in one fused kernel (``perfkit.kernels.dense.bn_relu``), sharing ``bn``'s module.
+
+    What fusion by pattern puts after a DenseNet-style concat. It follows ``nn.BatchNorm2d.forward``: batch
+    statistics in training or without running statistics, the counter and running statistics updated only
+    in training with ``track_running_stats``.
+    """
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        _check_norm(bn, "bn")
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from perfkit.kernels.dense import bn_relu
+
+        bn = self.bn
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        pass_running = not bn.training or bn.track_running_stats
+        return bn_relu(x, bn.weight, bn.bias, bn.running_mean if pass_running else None,
+                       bn.running_var if pass_running else None, training=use_batch_stats, momentum=momentum,
+                       eps=bn.eps)
