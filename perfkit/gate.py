@@ -23,7 +23,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE_PATH = REPO_ROOT / "benchmarks" / "baselines" / "cpu-quick-counters.json"
 BASELINE_SCHEMA = "perfkit.counters/2"
-BASELINE_VARIANTS = ("eager", "channels_last", "bf16")
+BASELINE_VARIANTS = ("eager", "channels_last", "bf16", "triton")
+"""``triton`` is gated where the block has a fused kernel: its ops' fake implementations give the fused
+blocks' memory (the dense block's linear growth) without running a kernel."""
 GATED_CATEGORIES = ("parameters", "buffers", "gradients", "activations", "temporaries", "optimizer_state")
 
 
@@ -70,6 +72,19 @@ def cell_counters(name: str, variant: str, mode: str, batch: int) -> dict[str, i
     return counters
 
 
+def _gated(name: str, variant: str) -> bool:
+    """Every variant but ``triton``, which only where the block has a fused kernel."""
+    if variant != "triton":
+        return True
+    import torch
+
+    from perfkit.fused import fusable_modules
+    from perfkit.registry import get_entry
+
+    with torch.device("meta"):
+        return bool(fusable_modules(get_entry(name).create()))
+
+
 def compute_baseline() -> dict:
     """The gated figures of every quick-profile block x ``BASELINE_VARIANTS`` x mode at the profile's batch."""
     from perfkit.memory_model import METHOD
@@ -77,7 +92,7 @@ def compute_baseline() -> dict:
 
     names, batch = quick_profile()
     cells = {f"{name}/{variant}/{mode}/b{batch}": cell_counters(name, variant, mode, batch)
-             for name in names for variant in BASELINE_VARIANTS for mode in MODES}
+             for name in names for variant in BASELINE_VARIANTS if _gated(name, variant) for mode in MODES}
     return {"schema": BASELINE_SCHEMA, "memory_method": METHOD, "torch": _torch_version(),
             "shape": "test", "batch": batch, "refresh": "perfkit baseline --write", "cells": cells}
 

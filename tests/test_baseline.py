@@ -27,7 +27,7 @@ from perfkit.gate import (
 from perfkit.registry import _REGISTRY, Entry, get_entry
 
 INVARIANCE_CELLS = [("d2l_resnet18", "eager", "training"), ("basic", "channels_last", "training"),
-                    ("dense_plain", "bf16", "inference")]
+                    ("dense_plain", "bf16", "inference"), ("dense_plain", "triton", "training")]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def test_baseline_covers_the_quick_profile(current):
     cells = current["cells"]
     blocks = {key.split("/")[0] for key in cells}
     assert {"basic", "dense_plain", "d2l_resnet18"} <= blocks
-    assert len(cells) == len(BASELINE_VARIANTS) * 2 * len(blocks)
+    fused = {key.split("/")[0] for key in cells if "/triton/" in key}
+    assert {"wrc", "dense_plain", "basic"} <= fused and "inception" not in fused
+    assert len(cells) == (len(BASELINE_VARIANTS) - 1) * 2 * len(blocks) + 2 * len(fused)
     for counters in cells.values():
         assert {"flops_per_step", "params", "predicted_peak_bytes", "predicted_activations_bytes"} <= set(counters)
         assert counters["predicted_parameters_bytes"] > 0 and counters["predicted_activations_bytes"] > 0
