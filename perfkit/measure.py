@@ -43,11 +43,20 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from perfkit.device import device_identity
+from perfkit.machine import LoadMonitor
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
-from perfkit.testing import GRAD_REL_TOLERANCE, REL_TOLERANCE, relative_error
+from perfkit.testing import (
+    ACCURACY_FLOOR,
+    ACCURACY_MULTIPLIER,
+    EAGER_SANITY_TOLERANCE,
+    GRAD_REL_TOLERANCE,
+    REL_TOLERANCE,
+    gate_tolerance,
+    relative_error,
+)
 from perfkit.variants import (
     MODES,
     Prepared,
@@ -62,8 +71,9 @@ from perfkit.variants import (
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
 TIMER = "time.perf_counter around one step that ends in a device synchronization"
 
-RoundRunner = Callable[[Callable[[], None], int], list[float]]
-"""``run(step, n)`` runs ``n`` timed rounds of one synchronizing step and returns their times in seconds."""
+RoundRunner = Callable[..., list[float]]
+"""``run(step, n, before=None)`` runs ``n`` timed rounds of one synchronizing step and returns their times in
+seconds; ``before``, when given, runs untimed before each round (the paired rounds time eager's step in it)."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +105,12 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
     return lambda: None
 
 
-def clock_rounds(step: Callable[[], None], n: int) -> list[float]:
-    """Time ``n`` calls of ``step`` (which synchronizes) with ``time.perf_counter``."""
+def clock_rounds(step: Callable[[], None], n: int, before: Callable[[], None] | None = None) -> list[float]:
+    """Time ``n`` calls of ``step`` (which synchronizes) with ``time.perf_counter``; ``before`` runs untimed."""
     times = []
     for _ in range(n):
+        if before is not None:
+            before()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -119,21 +131,25 @@ class BenchmarkRounds:
         self.benchmark = benchmark
         self.setup = setup
 
-    def _clock(self, step: Callable[[], None], n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            if self.setup is not None:
-                self.setup()
-            times += clock_rounds(step, 1)
-        return times
+    def _setup(self, before: Callable[[], None] | None) -> Callable[[], None] | None:
+        if before is None or self.setup is None:
+            return before or self.setup
+        setup = self.setup
 
-    def __call__(self, step: Callable[[], None], n: int) -> list[float]:
+        def both() -> None:
+            setup()
+            before()
+
+        return both
+
+    def __call__(self, step: Callable[[], None], n: int, before: Callable[[], None] | None = None) -> list[float]:
+        setup = self._setup(before)
         if self.benchmark.disabled:
-            return self._clock(step, n)
+            return clock_rounds(step, n, setup)
         if self.benchmark.stats is None:
-            self.benchmark.pedantic(step, setup=self.setup, rounds=n, iterations=1, warmup_rounds=0)
+            self.benchmark.pedantic(step, setup=setup, rounds=n, iterations=1, warmup_rounds=0)
             return list(self.benchmark.stats.stats.data)
-        times = self._clock(step, n)
+        times = clock_rounds(step, n, setup)
         for duration in times:
             self.benchmark.stats.stats.update(duration)
         return times
@@ -201,6 +217,82 @@ def adaptive_rounds(step: Callable[[], None], policy: TimingPolicy, run: RoundRu
         chunk = max(1, min(room, max(policy.min_rounds, len(times) // 2)))
         if room < 1:
             return times
+
+
+def paired_rounds(step: Callable[[], None], baseline_step: Callable[[], None], policy: TimingPolicy,
+                  run: RoundRunner = clock_rounds) -> tuple[list[float], list[float]]:
+    """Interleaved rounds: each round of ``step`` is preceded by one timed round of ``baseline_step``.
+
+    Returns (step's times, baseline's times), pair ``i`` run back to back, so a change of the machine's load
+    hits both members of a pair. Chunks grow as in :func:`adaptive_rounds` until both medians' CIs are
+    within target, or the rounds of both together reach a cap.
+    """
+    baseline: list[float] = []
+
+    def timed_baseline() -> None:
+        start = time.perf_counter()
+        baseline_step()
+        baseline.append(time.perf_counter() - start)
+
+    times: list[float] = []
+    chunk = policy.min_rounds
+    while True:
+        times += run(step, chunk, timed_baseline)
+        if (max(median_ci_rel(times), median_ci_rel(baseline)) <= policy.target_ci_rel
+                or len(times) >= policy.max_rounds):
+            return times, baseline
+        spent = sum(times) + sum(baseline)
+        if spent >= policy.max_time_s:
+            return times, baseline
+        per_pair = spent / len(times)
+        room = min(policy.max_rounds - len(times), int((policy.max_time_s - spent) / per_pair))
+        chunk = max(1, min(room, max(policy.min_rounds, len(times) // 2)))
+        if room < 1:
+            return times, baseline
+
+
+def paired_ratio_ci(baseline: list[float], times: list[float], resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(median(baseline) / median(times), 2.5% and 97.5% bootstrap bounds), resampling whole pairs.
+
+    Resampling pairs, not each series apart, keeps what pairing bought: a slow stretch of the machine
+    lengthens both members of a pair and moves the ratio little. Deterministic (fixed ``seed``).
+    """
+    if len(baseline) != len(times) or not times:
+        raise ValueError(f"paired rounds must have equal, non-zero lengths; got {len(baseline)} and {len(times)}")
+    base = torch.tensor(baseline, dtype=torch.float64)
+    var = torch.tensor(times, dtype=torch.float64)
+    ratio = statistics.median(baseline) / statistics.median(times)
+    index = torch.randint(len(times), (resamples, len(times)), generator=torch.Generator().manual_seed(seed))
+    boot = base[index].quantile(0.5, dim=1) / var[index].quantile(0.5, dim=1)
+    low, high = boot.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return ratio, min(low, ratio), max(high, ratio)
+
+
+REPEAT_FLOOR_REL = 0.01
+"""Part of a fresh repeat's deviation that one run cannot see (memory placement, thread pinning, the
+allocator's state), added to the interval a record states for a repeat. Calibrated on the 2-core CPU by
+tests/test_timing.py's repeat test (README, "What the intervals mean")."""
+
+
+def repeat_interval_rel(times: list[float], segments: int = 3) -> float | None:
+    """Half-width, over the median, of the interval that should hold a fresh repeat's median (~95%).
+
+    The within-run CI of the median (:func:`median_ci_rel`) assumes rounds are independent and speaks of
+    this run's median only. A repeat's median differs from this one by both runs' sampling error (√2 × the
+    CI), by slow drift that the rounds' order shows (the spread of the medians of ``segments`` consecutive
+    stretches of rounds), and by what no single run shows (:data:`REPEAT_FLOOR_REL`).
+    """
+    ci = median_ci_rel(times)
+    if not math.isfinite(ci):
+        return None
+    median = statistics.median(times)
+    size = len(times) // segments
+    drift = 0.0
+    if size >= 3:
+        medians = [statistics.median(times[i * size:(i + 1) * size]) for i in range(segments)]
+        drift = (max(medians) - min(medians)) / median / 2
+    return math.sqrt(2) * ci + drift + REPEAT_FLOOR_REL
 
 
 def tolerance_dtype(variant: Variant, device: torch.device | str) -> str:
@@ -304,45 +396,182 @@ def error_message(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+@dataclass
+class GroupState:
+    """What the variants of one (entry, mode, batch) group share: computed once, by the group's first cell.
+
+    The float64 reference (same seed, input and model for every variant), eager float32's error against
+    it (the calibrated gate's yardstick), the eager cell itself, prepared and kept warm to be timed beside
+    each variant, and the FLOP count (of the eager step, the same for every variant).
+    """
+
+    ref_out: torch.Tensor
+    ref_grad: torch.Tensor | None
+    eager_error: float
+    eager_grad_error: float | None
+    eager: Prepared | None
+    """None when eager failed its own gate (``eager_failure`` says why): its variants are timed unpaired."""
+    eager_failure: str | None
+    eager_first_call_s: float
+    eager_warm: bool = False
+    flops: int | None = None
+
+
+class GroupCache:
+    """The :class:`GroupState` of each group of the entry being measured; a new entry drops the previous ones.
+
+    The matrix runs an entry's cells together (its variants, modes and batches), so holding only the
+    current entry's groups bounds the memory kept: one eager model, input and optimizer state per mode and
+    batch of one entry.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+        self._groups: dict[tuple, GroupState] = {}
+
+    def get(self, entry_key: tuple, group_key: tuple) -> GroupState | None:
+        """The group's state, or None; a different ``entry_key`` than the last one empties the cache."""
+        if entry_key != self._entry:
+            self._groups.clear()
+            self._entry = entry_key
+        return self._groups.get(group_key)
+
+    def put(self, group_key: tuple, state: GroupState) -> None:
+        """Keep ``state`` for the rest of this entry's cells."""
+        self._groups[group_key] = state
+
+    def clear(self) -> None:
+        """Drop every kept group (its eager model and tensors)."""
+        self._groups.clear()
+        self._entry = None
+
+
+class _Stages:
+    """Wall time per stage of a cell (``wall_split_s``), and the stage a failure is reported in."""
+
+    def __init__(self, progress: dict[str, Any]) -> None:
+        self.progress = progress
+        self.split: dict[str, float] = {}
+        self._name: str | None = None
+        self._start = time.perf_counter()
+
+    def enter(self, name: str, label: str | None = None) -> None:
+        """Close the current stage and start ``name`` (``label`` is what a failure in it reports)."""
+        now = time.perf_counter()
+        if self._name is not None:
+            self.split[self._name] = self.split.get(self._name, 0.0) + now - self._start
+        self._name, self._start = name, now
+        self.progress["stage"] = label or name
+
+    def close(self) -> dict[str, float]:
+        """Close the current stage; the split so far."""
+        self.enter("done")
+        return self.split
+
+
 def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, device: torch.device | str, *,
                  bench_shape: bool, seed: int = 0, policy: TimingPolicy | None = None,
-                 run_rounds: RoundRunner = clock_rounds, flops: bool = True) -> Record:
+                 run_rounds: RoundRunner = clock_rounds, flops: bool = True, paired: bool | None = None,
+                 groups: GroupCache | None = None, threads: int | None = None) -> Record:
     """Gate, warm up, measure memory, time and count one cell; every failure becomes the record's status.
 
     ``run_rounds`` runs the timed rounds (the benchmark passes one that records them in pytest-benchmark).
+    ``paired`` interleaves the variant's rounds with eager's (default: every variant but eager itself);
+    ``groups`` shares the float64 reference and the warm eager cell between the cells of a group (default:
+    nothing shared); ``threads`` sets torch's intra-op threads for the cell (default: as they are).
     Raises only for a bad argument (unknown block, variant or mode), never for a cell that fails.
     """
     entry = get_entry(name)
     variant = parse_variant(variant)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads}")
     device = torch.device(device)
     shape = entry.bench_shape if bench_shape else entry.test_shape
     tol_dtype = tolerance_dtype(variant, device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     base: dict[str, Any] = dict(
         block=name, variant=variant.name, mode=mode, dtype=variant.compute_dtype, batch=batch, kind=entry.kind,
-        input_shape=[batch, *shape], device=device_identity(device), tolerance=REL_TOLERANCE[tol_dtype],
-        grad_tolerance=GRAD_REL_TOLERANCE[tol_dtype] if mode == "training" else None,
-        timer=TIMER,
+        input_shape=[batch, *shape], device=device_identity(device), timer=TIMER, threads=torch.get_num_threads(),
     )
     progress: dict[str, Any] = {"stage": "build", "result": {}}
     try:
         return _run_cell(entry, variant, mode, batch, device, bench_shape, seed, policy or TimingPolicy(),
-                         run_rounds, flops, tol_dtype, base, progress)
+                         run_rounds, flops, tol_dtype, base, progress,
+                         paired if paired is not None else variant.name != "eager", groups or GroupCache())
     except Exception as error:  # every failure of a cell is recorded, the matrix goes on
         status = "oom" if is_oom(error) else "error"
         reason = f"{progress['stage']}: {error_message(error)}"
+    finally:
+        torch.set_num_threads(previous_threads)
     # Out of the except block, the traceback (and the tensors its frames hold) is gone: free the memory.
+    if groups is not None and status == "oom":
+        groups.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Record(status=status, reason=reason, **base, **progress["result"])
 
 
+def _first_call(prepared: Prepared, mode: str, seed: int, sync: Callable[[], None]
+                ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    # The reference ran under the same seed: dropout draws the same mask in float32 and float64.
+    torch.manual_seed(seed + 2)
+    start = time.perf_counter()
+    if mode == "training":
+        out, grads = prepared.forward_backward()
+    else:
+        out, grads = prepared.forward(), []
+    sync()
+    return out, grads, time.perf_counter() - start
+
+
+def _group_state(entry: Entry, mode: str, batch: int, device: torch.device, bench_shape: bool, seed: int,
+                 input_requires_grad: bool, tol_dtype: str, stages: _Stages) -> GroupState:
+    """Build the float64 reference and the eager cell of a group, and gate eager against its own bound."""
+    stages.enter("float64 reference")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = entry.create()
+    x = entry.example_input(batch, bench=bench_shape, device=device, generator=torch.Generator().manual_seed(seed + 1))
+    torch.manual_seed(seed + 2)
+    ref_out, ref_grads = _reference(model, x, mode, input_requires_grad, seed)
+    ref_out = ref_out.to("cpu")
+    ref_grad = _flat(ref_grads) if ref_grads else None
+    del ref_grads
+
+    stages.enter("eager first call")
+    eager = EAGER.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
+    sync = synchronizer(device)
+    out, grads, first_call_s = _first_call(eager, mode, seed, sync)
+    stages.enter("correctness gate")
+    error = relative_error(out.float(), ref_out)
+    grad_error = relative_error(_flat(grads), ref_grad) if ref_grad is not None else None
+    del out, grads
+    eager.zero_grad()
+    bounds = EAGER_SANITY_TOLERANCE.get(tol_dtype)
+    failure = None
+    if bounds is not None:
+        failures = [f"{what} relative error {err:.3e} > {tol:.1e}"
+                    for what, err, tol in (("output", error, bounds[0]), ("gradients", grad_error, bounds[1]))
+                    if err is not None and not err <= tol]
+        if failures:
+            failure = f"{'; '.join(failures)} ({tol_dtype}, eager's own bound) against the float64 reference"
+    return GroupState(ref_out, ref_grad, error, grad_error, None if failure else eager, failure, first_call_s)
+
+
+EAGER = parse_variant("eager")
+
+
 def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
               seed: int, policy: TimingPolicy, run_rounds: RoundRunner, flops: bool, tol_dtype: str,
-              base: dict[str, Any], progress: dict[str, Any]) -> Record:
+              base: dict[str, Any], progress: dict[str, Any], paired: bool, groups: GroupCache) -> Record:
     result = progress["result"]
+    stages = _Stages(progress)
+    stages.enter("build")
     torch.manual_seed(seed)
     with torch.device(device):
         model = entry.create()
@@ -354,47 +583,69 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
                             generator=torch.Generator().manual_seed(seed + 1))
     # A block's input comes from earlier layers and needs its gradient; a network's input is data.
     input_requires_grad = entry.kind == "block"
-
-    progress["stage"] = "float64 reference"
-    ref_out, ref_grads = _reference(model, x, mode, input_requires_grad, seed)
-    ref_out = ref_out.to("cpu")
-    ref_grad = _flat(ref_grads) if ref_grads else None
-    del ref_grads
-
-    progress["stage"] = "variant"
-    if variant.compile_mode is not None:
-        # A fresh compile per cell: dynamo's caches are keyed on code, and a cell must not reuse (or
-        # exhaust the recompile limit with) another cell's graphs.
-        torch._dynamo.reset()
-    prepared = variant.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
     sync = synchronizer(device)
 
-    progress["stage"] = "first call (compile)" if variant.compile_mode is not None else "first call"
-    start = time.perf_counter()
-    if mode == "training":
-        out, grads = prepared.forward_backward()
-    else:
-        out, grads = prepared.forward(), []
-    sync()
-    first_call_s = time.perf_counter() - start
-    if variant.compile_mode is not None:
-        result["compile_time_s"] = first_call_s
+    entry_key = (entry.name, str(device), bench_shape, seed)
+    group_key = (mode, batch)
+    group = groups.get(entry_key, group_key)
+    if group is None:
+        group = _group_state(entry, mode, batch, device, bench_shape, seed, input_requires_grad, tol_dtype, stages)
+        groups.put(group_key, group)
+    result.update(eager_rel_error=group.eager_error, eager_grad_rel_error=group.eager_grad_error)
 
-    progress["stage"] = "correctness gate"
-    out_error = relative_error(out.float(), ref_out)
-    result["rel_error"] = out_error
-    if ref_grad is not None:
-        result["grad_rel_error"] = relative_error(_flat(grads), ref_grad)
-    del out, grads, ref_out, ref_grad
+    timed_is_eager = variant.name == "eager" and not paired
+    if timed_is_eager:
+        # The eager cell is the group's eager, gated already against its own bound.
+        if group.eager is None:
+            return Record(status="failed", reason=group.eager_failure, **base, **result,
+                          rel_error=group.eager_error, grad_rel_error=group.eager_grad_error,
+                          tolerance=EAGER_SANITY_TOLERANCE[tol_dtype][0],
+                          grad_tolerance=EAGER_SANITY_TOLERANCE[tol_dtype][1] if mode == "training" else None)
+        prepared = group.eager
+        first_call_s = group.eager_first_call_s
+        out_error, grad_error = group.eager_error, group.eager_grad_error
+        tolerance, grad_tolerance = EAGER_SANITY_TOLERANCE.get(tol_dtype, (REL_TOLERANCE[tol_dtype],
+                                                                          GRAD_REL_TOLERANCE[tol_dtype]))
+        del model, x
+    else:
+        stages.enter("variant")
+        if variant.compile_mode is not None:
+            # A fresh compile per cell: dynamo's caches are keyed on code, and a cell must not reuse (or
+            # exhaust the recompile limit with) another cell's graphs.
+            torch._dynamo.reset()
+        prepared = variant.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
+        stages.enter("compile" if variant.compile_mode is not None else "first call",
+                     "first call (compile)" if variant.compile_mode is not None else "first call")
+        out, grads, first_call_s = _first_call(prepared, mode, seed, sync)
+        if variant.compile_mode is not None:
+            result["compile_time_s"] = first_call_s
+        stages.enter("correctness gate")
+        out_error = relative_error(out.float(), group.ref_out)
+        grad_error = relative_error(_flat(grads), group.ref_grad) if group.ref_grad is not None else None
+        del out, grads
+        eager_ok = group.eager is not None
+        tolerance = gate_tolerance(tol_dtype, group.eager_error if eager_ok else None)
+        grad_tolerance = gate_tolerance(tol_dtype, group.eager_grad_error if eager_ok else None, gradients=True)
+        prepared.zero_grad()
+    if mode != "training":
+        grad_tolerance = None
+    result.update(rel_error=out_error, grad_rel_error=grad_error)
+    base.update(tolerance=tolerance, grad_tolerance=grad_tolerance)
     failures = [f"{what} relative error {err:.3e} > {tol:.1e}"
-                for what, err, tol in (("output", out_error, base["tolerance"]),
-                                       ("gradients", result.get("grad_rel_error"), base["grad_tolerance"]))
-                if err is not None and err > tol]
+                for what, err, tol in (("output", out_error, tolerance), ("gradients", grad_error, grad_tolerance))
+                if err is not None and tol is not None and not err <= tol]
     if failures:
-        reason = f"{'; '.join(failures)} ({tol_dtype}) against the float64 reference"
+        if group.eager is None:
+            rule = "fixed table, eager failed its own bound"
+        elif tol_dtype in ACCURACY_FLOOR:
+            rule = f"{ACCURACY_MULTIPLIER:g}x eager's error + floor"
+        else:
+            rule = f"fixed table or {ACCURACY_MULTIPLIER:g}x eager's error scaled to {tol_dtype}'s unit roundoff"
+        reason = f"{'; '.join(failures)} ({tol_dtype}: {rule}) against the float64 reference"
+        result["wall_split_s"] = stages.close()
         return Record(status="failed", reason=reason, **base, **result)
-    prepared.zero_grad()
     if variant.triton and triton_interpreted(device):
+        result["wall_split_s"] = stages.close()
         return Record(status="skipped", **base, **result, reason=(
             f"correctness checked (relative error {result['rel_error']:.2e}); not timed: TRITON_INTERPRET=1 "
             "runs the kernels in the interpreter"))
@@ -403,18 +654,38 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
         prepared.step()
         sync()
 
-    progress["stage"] = "warm-up"
+    baseline = group.eager if paired and group.eager is not None and group.eager is not prepared else None
+
+    def eager_step() -> None:
+        baseline.step()
+        sync()
+
+    stages.enter("warm-up")
     warmup_steps, warmup_s = warm_up(timed_step, policy)
+    if baseline is not None:
+        # Eager was warmed by an earlier cell of the group: a re-warm ends after two steady batches.
+        warm_up(eager_step, policy)
+        group.eager_warm = True
+    if prepared is group.eager:
+        group.eager_warm = True
     # An eager variant's first call (cuDNN's algorithm search, allocator growth) is warm-up too.
     result.update(warmup_steps=warmup_steps,
                   warmup_time_s=warmup_s + (0.0 if variant.compile_mode is not None else first_call_s))
 
-    progress["stage"] = "memory"
+    stages.enter("memory")
+    # On a GPU the allocator counts the group's eager state too; it is not this cell's.
+    resident = _live_bytes(baseline) if baseline is not None and device.type == "cuda" else 0
     peak, rise, method = step_memory(prepared, timed_step, device)
-    result.update(peak_memory_bytes=peak, peak_memory_rise_bytes=rise, memory_method=method)
+    result.update(peak_memory_bytes=peak - resident, peak_memory_rise_bytes=rise, memory_method=method)
 
-    progress["stage"] = "timing"
-    times = adaptive_rounds(timed_step, policy, run_rounds)
+    stages.enter("timing")
+    monitor = LoadMonitor(device)
+    monitor.start()
+    if baseline is not None:
+        times, eager_times = paired_rounds(timed_step, eager_step, policy, run_rounds)
+    else:
+        times, eager_times = adaptive_rounds(timed_step, policy, run_rounds), []
+    load = monitor.stop(base["threads"])
     median = statistics.median(times)
     mean = statistics.fmean(times)
     ci = median_ci_rel(times)
@@ -423,12 +694,24 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
         step_time_p20_s=quantile(times, 0.2), step_time_p80_s=quantile(times, 0.8),
         step_time_cv=statistics.stdev(times) / mean if len(times) > 1 and mean > 0 else None,
         step_time_ci_rel=ci if math.isfinite(ci) else None, noise_bound_rel=policy.target_ci_rel,
+        step_time_repeat_rel=repeat_interval_rel(times),
         noisy=not ci <= policy.target_ci_rel, samples_per_s=batch / median if median > 0 else None,
+        contended=load.pop("contended"), machine_load=load,
     )
+    if eager_times:
+        ratio, low, high = paired_ratio_ci(eager_times, times)
+        result.update(eager_times_s=eager_times, speedup_vs_eager=ratio, speedup_ci_low=low, speedup_ci_high=high)
+    timed_s = sum(times) + sum(eager_times)
 
     if flops:
-        progress["stage"] = "flop count"
-        result["flops_per_step"] = step_flops(entry, batch, bench_shape, mode, input_requires_grad)
+        stages.enter("flop count")
+        if group.flops is None:
+            group.flops = step_flops(entry, batch, bench_shape, mode, input_requires_grad)
+        result["flops_per_step"] = group.flops
         if median > 0:
             result["tflops_per_s"] = result["flops_per_step"] / median / 1e12
+    split = stages.close()
+    split["timing"] -= timed_s
+    split["timed rounds"] = timed_s
+    result["wall_split_s"] = split
     return Record(status="ok", **base, **result)
