@@ -19,6 +19,8 @@ option                      environment          meaning
                                                  (default ``out/results.jsonl``)
 ``--perfkit-kernels``       ``PERFKIT_KERNELS``  kernel cells: comma list of kernels, or ``none``
                                                  (default: all; their variants are eager, compile, triton)
+``--perfkit-threads``       ``PERFKIT_THREADS``  torch's intra-op threads per cell (default: torch's
+                                                 default, at most the cores this process may run on)
 ==========================  ===================  ==========================================================
 
 A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
@@ -32,6 +34,11 @@ warm-up: perfkit warms up until steady before), each round a step that ends in a
 when the adaptive rule asks for more rounds than the first call ran, they are timed with the same clock
 and appended to the same ``stats`` (pytest-benchmark's ``Stats.update``), so ``stats.data`` holds exactly
 the record's ``times_s``. Raw rounds are kept in saved runs too (``benchmark_save_data`` is forced on).
+A variant's rounds are interleaved with eager's (pytest-benchmark's ``setup`` runs, untimed by it, one
+timed eager step before each round): ``stats.data`` stays the variant's rounds, eager's paired rounds are
+the record's ``eager_times_s``, and ``speedup_vs_eager`` their ratio. The cells of an (entry, mode, batch)
+group share one float64 reference and one warm eager model (``measure.GroupCache``). At the end of the run
+the terminal summary gives the contended cells, the largest ranked speedup and where the wall time went.
 
 Cells that are not timed. pytest-benchmark writes only benchmarks that ran, so:
 
@@ -58,7 +65,8 @@ import torch
 
 import perfkit
 from perfkit.device import default_device, device_identity
-from perfkit.measure import QUICK_POLICY, BenchmarkRounds, TimingPolicy, measure_cell
+from perfkit.machine import available_cores, default_threads
+from perfkit.measure import QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
 from perfkit.record import Record, append_jsonl
 from perfkit.variants import MODES, parse_variant
 
@@ -127,6 +135,7 @@ OPTIONS = {
     "device": "PERFKIT_DEVICE",
     "jsonl": "PERFKIT_JSONL",
     "kernels": "PERFKIT_KERNELS",
+    "threads": "PERFKIT_THREADS",
 }
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
 KERNEL_ARGNAMES = ("kernel", "variant", "mode", "dtype", "layout")
@@ -145,6 +154,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "device": "torch device to measure on (default: cuda if available, else cpu)",
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
+        "threads": f"torch intra-op threads per cell, 1..{available_cores()} (default: {default_threads()}, "
+                   "torch's default capped at the cores this process may use)",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -176,8 +187,12 @@ class MatrixConfig:
     batches: list[int] | None
     jsonl: Path
     kernels: list[str]
+    threads: int = 1
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    """Every record of the session, for the terminal summary."""
+    groups: GroupCache = field(default_factory=GroupCache)
 
     def cells(self) -> list[tuple[str, str, str, str, int]]:
         """(block, variant, mode, dtype, batch) of every cell, in a stable order."""
@@ -268,8 +283,20 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-kernels: unknown kernel(s) {bad}; valid kernels: "
                                     f"{', '.join(KERNELS)} (or none)")
 
+    threads = default_threads()
+    threads_value = _option(config, "threads")
+    if threads_value:
+        cores = available_cores()
+        try:
+            threads = int(threads_value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise pytest.UsageError(f"--perfkit-threads {threads_value!r}: give a positive integer; this process "
+                                    f"may run on {cores} core(s), so 1..{cores} avoids oversubscription")
+
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
-    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels)
+    return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, threads)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -295,6 +322,7 @@ def file_record(matrix: MatrixConfig, benchmark, record: Record) -> Record:
     """Store ``record`` in extra_info and the JSON-lines file; skip or xfail the test if it was not timed."""
     benchmark.extra_info.update(record.to_dict())
     append_jsonl(matrix.jsonl, record)
+    matrix.records.append(record)
     if record.status == "skipped":
         matrix.skipped.append(record.to_dict())
         pytest.skip(record.reason)
@@ -312,7 +340,8 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
         record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
-                              policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark))
+                              policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark),
+                              groups=matrix.groups, threads=matrix.threads)
         return file_record(matrix, benchmark, record)
 
     return measure
@@ -341,3 +370,40 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
     output_json["perfkit_command"] = shlex.join(["pytest", *config.invocation_params.args])
     output_json["perfkit_skipped_cells"] = matrix.skipped
     output_json["perfkit_failed_cells"] = matrix.failed
+
+
+def run_summary(records: list[Record]) -> list[str]:
+    """Lines for the end of a run: contended cells, the largest ranked speedup, where the wall time went."""
+    timed = [r for r in records if r.status == "ok" and r.kind != "kernel"]
+    if not timed:
+        return []
+    contended = [r for r in timed if r.contended]
+    lines = [f"perfkit: {len(timed)} cells timed, {len(contended)} contended (other processes took the cores "
+             "they ran on: kept, never ranked)"]
+    for r in contended:
+        load = r.machine_load or {}
+        lines.append(f"  contended: {r.block}-{r.variant}-{r.mode}-b{r.batch}: {load.get('contended_reason')}")
+    paired = [r for r in timed if r.speedup_vs_eager is not None and not r.contended]
+    if paired:
+        best = max(paired, key=lambda r: r.speedup_vs_eager)
+        lines.append(f"perfkit: largest ranked speedup {best.speedup_vs_eager:.2f}x "
+                     f"[{best.speedup_ci_low:.2f}, {best.speedup_ci_high:.2f}] ({best.block} {best.variant} "
+                     f"{best.mode} b{best.batch}, interleaved with eager)")
+    split: dict[str, float] = {}
+    for r in records:
+        for stage, seconds in (r.wall_split_s or {}).items():
+            split[stage] = split.get(stage, 0.0) + seconds
+    total = sum(split.values())
+    if total > 0:
+        parts = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in
+                          sorted(split.items(), key=lambda item: -item[1]))
+        lines.append(f"perfkit: wall time of the cells {total:.1f} s: {parts}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    matrix = config.stash.get(_STATE, None)
+    if matrix is None:
+        return
+    for line in run_summary(matrix.records):
+        terminalreporter.write_line(line)

@@ -53,7 +53,8 @@ class Record:
     """Half-width over the median of the interval a fresh repeat's median should fall in (~95%):
     step_time_ci_rel is within-run only; this adds the drift across the run and a calibrated floor."""
     speedup_vs_eager: float | None = None
-    """Eager's median step time over this variant's, from rounds interleaved in this cell (paired)."""
+    """Eager's step time over this variant's, from rounds interleaved in this cell: the median over pairs of
+    the ratio within each pair (robust to load that changes between rounds; perfkit.measure.paired_ratio_ci)."""
     speedup_ci_low: float | None = None
     """2.5% bound of speedup_vs_eager, bootstrapped over whole pairs of rounds."""
     speedup_ci_high: float | None = None
