@@ -20,7 +20,8 @@ option                      environment          meaning
 ``--perfkit-kernels``       ``PERFKIT_KERNELS``  kernel cells: comma list of kernels, or ``none``
                                                  (default: all; their variants are eager, compile, triton)
 ``--perfkit-threads``       ``PERFKIT_THREADS``  torch's intra-op threads per cell (default: torch's
-                                                 default, at most the cores this process may run on)
+                                                 default, at most the cores that other processes did not
+                                                 keep busy over 0.5 s at the start of the run)
 ==========================  ===================  ==========================================================
 
 A bad name is a usage error listing the valid ones; ``-k`` filters the readable test ids
@@ -154,8 +155,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "device": "torch device to measure on (default: cuda if available, else cpu)",
         "jsonl": "JSON-lines file each cell's record is appended to (default: out/results.jsonl)",
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
-        "threads": f"torch intra-op threads per cell, 1..{available_cores()} (default: {default_threads()}, "
-                   "torch's default capped at the cores this process may use)",
+        "threads": f"torch intra-op threads per cell, 1..{available_cores()} (default: torch's default, at most "
+                   "the cores not kept busy by other processes at the start of the run)",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -187,7 +188,8 @@ class MatrixConfig:
     batches: list[int] | None
     jsonl: Path
     kernels: list[str]
-    threads: int = 1
+    threads: int | None = None
+    """None: :func:`perfkit.machine.default_threads`, judged when the first cell is about to run."""
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     records: list[Record] = field(default_factory=list)
@@ -283,7 +285,7 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-kernels: unknown kernel(s) {bad}; valid kernels: "
                                     f"{', '.join(KERNELS)} (or none)")
 
-    threads = default_threads()
+    threads = None
     threads_value = _option(config, "threads")
     if threads_value:
         cores = available_cores()
@@ -339,6 +341,8 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
 
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
+        if matrix.threads is None:
+            matrix.threads = default_threads()
         record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
                               policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark),
                               groups=matrix.groups, threads=matrix.threads)

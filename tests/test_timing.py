@@ -132,3 +132,29 @@ def test_busy_machine_is_flagged_and_paired_ratio_holds(conv_block):
     assert record.contended, record.machine_load
     assert record.machine_load["others_busy_cores"] > 0.5 * cores
     assert 0.9 <= record.speedup_vs_eager <= 1.1, (record.speedup_vs_eager, record.machine_load)
+
+
+def test_repeat_interval_covers_fresh_repeats(conv_block):
+    """Four cells, five repeats each (fresh model and group every time): how often does the interval a record
+    states hold the other repeats' medians? One thread: the claim is about the interval, and two threads on
+    a shared 2-core runner add the OpenMP-barrier pathology the contention flag is for."""
+    policy = TimingPolicy(min_rounds=10, max_rounds=60, max_time_s=0.2, warmup_batch_s=0.01, warmup_max_s=0.1)
+    cells = [(conv_block, "inference", 4), (conv_block, "training", 4), ("basic", "inference", 2),
+             ("basic", "training", 2)]
+    covered_repeat = covered_within = pairs = 0
+    for name, mode, batch in cells:
+        records = [measure_cell(name, "eager", mode, batch, "cpu", bench_shape=False, policy=policy, flops=False,
+                                threads=1) for _ in range(5)]
+        assert all(r.status == "ok" for r in records), [r.reason for r in records]
+        for a in records:
+            for b in records:
+                if a is b:
+                    continue
+                deviation = abs(b.step_time_median_s / a.step_time_median_s - 1)
+                pairs += 1
+                covered_repeat += deviation <= a.step_time_repeat_rel
+                covered_within += deviation <= a.step_time_ci_rel
+    print(f"repeat interval covered {covered_repeat}/{pairs}, within-run CI {covered_within}/{pairs}")
+    assert pairs == 80
+    assert covered_repeat >= covered_within
+    assert covered_repeat >= 0.8 * pairs, (covered_repeat, covered_within)
