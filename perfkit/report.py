@@ -201,7 +201,11 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
         columns={"step_time_median_s": "_ref_time", memory_column: "_ref_memory"}).drop_duplicates(group)
     frame = frame.merge(reference, on=group, how="left")
     ok = frame["status"] == "ok"
-    frame["speedup_vs_eager"] = (frame["_ref_time"] / frame["step_time_median_s"]).where(ok)
+    unpaired = frame["_ref_time"] / frame["step_time_median_s"]
+    # A paired ratio (measured in the cell, interleaved with eager) wins over two cells timed apart.
+    if "speedup_vs_eager" in frame:
+        unpaired = frame["speedup_vs_eager"].astype(float).fillna(unpaired)
+    frame["speedup_vs_eager"] = unpaired.where(ok)
     frame["memory_ratio_vs_eager"] = (frame[memory_column] / frame["_ref_memory"]).where(ok)
     frame = frame.drop(columns=["_ref_time", "_ref_memory"])
     return frame.sort_values(["device_slug", "kind", "block", "mode", "batch", "variant"], kind="stable",
@@ -312,9 +316,11 @@ def _table(frame: pd.DataFrame, text) -> list[str]:
 def best_variants(frame: pd.DataFrame) -> pd.DataFrame:
     """Per block, mode and batch, the ``ok`` cell with the highest speedup over eager (eager itself if none).
 
-    Failed, OOM, erroring and skipped cells never qualify, however fast they ran.
+    Failed, OOM, erroring and skipped cells never qualify, however fast they ran; nor do ``contended`` ones.
     """
     ok = frame[(frame["status"] == "ok") & frame["speedup_vs_eager"].notna()]
+    if "contended" in ok:
+        ok = ok[ok["contended"] != True]  # noqa: E712 (None, from records before the flag, is not contended)
     if ok.empty:
         return ok
     best = ok.loc[ok.groupby(["device_slug", "kind", "block", "mode", "batch"])["speedup_vs_eager"].idxmax()]

@@ -36,13 +36,14 @@ ReLU). A wrong kernel is off by order one.
 
 
 EAGER_SANITY_TOLERANCE: dict[str, tuple[float, float]] = {
-    "float32": (5e-3, 1e-1),
-    "tf32": (5e-2, 3e-1),
+    "float32": (7e-3, 5e-1),
+    "tf32": (5e-2, 5e-1),
 }
 """(output, gradients) bound on eager's own error against float64. Eager *is* the reference
-implementation, so this only catches a broken harness (or a block planted wrong). Worst eager float32
-errors measured over the registry at the test shapes, batch 8, CPU: output 7.2e-5, gradients 1.9e-2
-(csp_resnet50 training: BatchNorm over a few 2x2 maps is ill-conditioned); README, "The gate"."""
+implementation, so this only catches a broken harness (or a block planted wrong, 1% off). Worst eager
+float32 errors measured over the registry at the test shapes, batch 8, CPU: output 3.0e-3, gradients
+1.2e-1, both resnet152 training (BatchNorm over batch x 1x1 maps is ill-conditioned: the float64
+reference itself moves that much under float32 rounding); README, "The gate"."""
 
 ACCURACY_MULTIPLIER = 3.0
 """A float32 variant may be this many times as far from float64 as eager float32 is (PyTorch's dynamo
