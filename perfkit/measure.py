@@ -35,7 +35,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -93,8 +93,9 @@ class TimingPolicy:
     warmup_max_s: float = 10.0
 
 
-QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=200, max_time_s=1.0, warmup_batch_s=0.02, warmup_max_s=1.0)
-"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule."""
+QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=400, max_time_s=2.0, warmup_batch_s=0.02, warmup_max_s=1.0)
+"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule. The cap on
+the timed rounds covers a variant's and eager's paired rounds together."""
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
@@ -571,6 +572,16 @@ def _group_state(entry: Entry, mode: str, batch: int, device: torch.device, benc
 EAGER = parse_variant("eager")
 
 
+def eager_gate(name: str, mode: str, batch: int, device: torch.device | str = "cpu", *, bench_shape: bool,
+               seed: int = 0) -> GroupState:
+    """Eager float32 of one group against its float64 reference and its own bound (what a group's first cell
+    does before any variant): ``eager_failure`` is None when eager passes."""
+    entry = get_entry(name)
+    device = torch.device(device)
+    return _group_state(entry, mode, batch, device, bench_shape, seed, entry.kind == "block",
+                        tolerance_dtype(EAGER, device), _Stages({}))
+
+
 def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
               seed: int, policy: TimingPolicy, run_rounds: RoundRunner, flops: bool, tol_dtype: str,
               base: dict[str, Any], progress: dict[str, Any], paired: bool, groups: GroupCache) -> Record:
@@ -668,8 +679,8 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     stages.enter("warm-up")
     warmup_steps, warmup_s = warm_up(timed_step, policy)
     if baseline is not None:
-        # Eager was warmed by an earlier cell of the group: a re-warm ends after two steady batches.
-        warm_up(eager_step, policy)
+        # Warm once per group: after an earlier cell warmed it, eager gets a few batches to refill its caches.
+        warm_up(eager_step, replace(policy, warmup_max_s=policy.warmup_batch_s * 3) if group.eager_warm else policy)
         group.eager_warm = True
     if prepared is group.eager:
         group.eager_warm = True
