@@ -102,7 +102,13 @@ def gpu_other_processes(device: torch.device) -> list[dict[str, Any]] | None:
     except pynvml.NVMLError:
         return None
     me = os.getpid()
-    return [{"pid": p.pid, "used_memory_bytes": p.usedGpuMemory} for p in procs if p.pid != me]
+    listed = [{"pid": p.pid, "used_memory_bytes": p.usedGpuMemory} for p in procs]
+    others = [p for p in listed if p["pid"] != me]
+    if len(others) == len(listed) and others:
+        # In a container NVML reports the host's pids, so this process is not found by its own: it is one
+        # of them (it holds a context by now), and the others are the rest.
+        others = others[1:]
+    return others
 
 
 @dataclass
