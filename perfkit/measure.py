@@ -201,23 +201,49 @@ def warm_up(step: Callable[[], None], policy: TimingPolicy) -> tuple[int, float]
     return steps, time.perf_counter() - start
 
 
+UNREACHABLE_FACTOR = 4.0
+"""Stop early when the rounds the target needs (the CI narrows as 1/sqrt(n)) exceed the caps this many
+times over: the rest of the budget would buy a flag, not a figure."""
+
+
+def _next_chunk(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> int:
+    """Rounds to add next, or 0 to stop (target met, a cap reached, or the target out of reach)."""
+    if ci <= policy.target_ci_rel or rounds >= policy.max_rounds or spent_s >= policy.max_time_s:
+        return 0
+    per_round = spent_s / rounds
+    room = min(policy.max_rounds - rounds, int((policy.max_time_s - spent_s) / per_round))
+    if rounds >= 2 * policy.min_rounds and math.isfinite(ci):
+        needed = rounds * (ci / policy.target_ci_rel) ** 2
+        if needed > UNREACHABLE_FACTOR * min(policy.max_rounds, policy.max_time_s / per_round):
+            return 0
+    # Grow by half of what was run: the CI narrows as 1/sqrt(n), so doubling n costs what it buys.
+    return max(0, min(room, max(policy.min_rounds, rounds // 2)))
+
+
+def stop_reason(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> str:
+    """Why the timed rounds ended: the target met, a cap, or stopped early with the rounds it would need."""
+    if ci <= policy.target_ci_rel:
+        return f"median's 95% CI within ±{policy.target_ci_rel:.0%}"
+    if rounds >= policy.max_rounds:
+        return f"round cap ({policy.max_rounds}) reached at ±{ci:.1%}"
+    if spent_s >= policy.max_time_s:
+        return f"time cap ({policy.max_time_s:g} s) reached at ±{ci:.1%}"
+    if not math.isfinite(ci):
+        return f"too few rounds for a CI ({rounds}) within the caps"
+    needed = rounds * (ci / policy.target_ci_rel) ** 2
+    return (f"stopped early at ±{ci:.1%} after {rounds} rounds: ±{policy.target_ci_rel:.0%} would take "
+            f"~{needed:.0f}, beyond the caps")
+
+
 def adaptive_rounds(step: Callable[[], None], policy: TimingPolicy, run: RoundRunner = clock_rounds) -> list[float]:
-    """Time rounds of ``step`` in growing chunks until the median's CI is within target or a cap is hit."""
+    """Time rounds of ``step`` in growing chunks until the median's CI is within target, a cap is hit, or the
+    target is clearly out of reach (:data:`UNREACHABLE_FACTOR`)."""
     times: list[float] = []
     chunk = policy.min_rounds
-    while True:
+    while chunk > 0:
         times += run(step, chunk)
-        if median_ci_rel(times) <= policy.target_ci_rel or len(times) >= policy.max_rounds:
-            return times
-        spent = sum(times)
-        if spent >= policy.max_time_s:
-            return times
-        per_round = spent / len(times)
-        room = min(policy.max_rounds - len(times), int((policy.max_time_s - spent) / per_round))
-        # Grow by half of what was run: the CI narrows as 1/sqrt(n), so doubling n costs what it buys.
-        chunk = max(1, min(room, max(policy.min_rounds, len(times) // 2)))
-        if room < 1:
-            return times
+        chunk = _next_chunk(median_ci_rel(times), len(times), sum(times), policy)
+    return times
 
 
 def paired_rounds(step: Callable[[], None], baseline_step: Callable[[], None], policy: TimingPolicy,
@@ -237,19 +263,11 @@ def paired_rounds(step: Callable[[], None], baseline_step: Callable[[], None], p
 
     times: list[float] = []
     chunk = policy.min_rounds
-    while True:
+    while chunk > 0:
         times += run(step, chunk, timed_baseline)
-        if (max(median_ci_rel(times), median_ci_rel(baseline)) <= policy.target_ci_rel
-                or len(times) >= policy.max_rounds):
-            return times, baseline
-        spent = sum(times) + sum(baseline)
-        if spent >= policy.max_time_s:
-            return times, baseline
-        per_pair = spent / len(times)
-        room = min(policy.max_rounds - len(times), int((policy.max_time_s - spent) / per_pair))
-        chunk = max(1, min(room, max(policy.min_rounds, len(times) // 2)))
-        if room < 1:
-            return times, baseline
+        ci = max(median_ci_rel(times), median_ci_rel(baseline))
+        chunk = _next_chunk(ci, len(times), sum(times) + sum(baseline), policy)
+    return times, baseline
 
 
 def paired_ratio_ci(baseline: list[float], times: list[float], resamples: int = 2000,
@@ -702,6 +720,8 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     else:
         times, eager_times = adaptive_rounds(timed_step, policy, run_rounds), []
     load = monitor.stop(base["threads"])
+    result["timing_stop"] = stop_reason(max(median_ci_rel(times), median_ci_rel(eager_times) if eager_times else 0.0),
+                                        len(times), sum(times) + sum(eager_times), policy)
     median = statistics.median(times)
     mean = statistics.fmean(times)
     ci = median_ci_rel(times)

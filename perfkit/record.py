@@ -52,6 +52,8 @@ class Record:
     step_time_repeat_rel: float | None = None
     """Half-width over the median of the interval a fresh repeat's median should fall in (~95%):
     step_time_ci_rel is within-run only; this adds the drift across the run and a calibrated floor."""
+    timing_stop: str | None = None
+    """Why the timed rounds ended: target met, a cap, or stopped early because the target was out of reach."""
     speedup_vs_eager: float | None = None
     """Eager's step time over this variant's, from rounds interleaved in this cell: the median over pairs of
     the ratio within each pair (robust to load that changes between rounds; perfkit.measure.paired_ratio_ci)."""

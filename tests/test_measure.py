@@ -13,7 +13,15 @@ from torch import nn
 import perfkit.measure as measure
 from perfkit import registry
 from perfkit.device import device_identity
-from perfkit.measure import TimingPolicy, adaptive_rounds, measure_cell, median_ci_rel, quantile, warm_up
+from perfkit.measure import (
+    TimingPolicy,
+    adaptive_rounds,
+    measure_cell,
+    median_ci_rel,
+    quantile,
+    stop_reason,
+    warm_up,
+)
 from perfkit.memory import METHOD
 from perfkit.record import Record
 from perfkit.testing import ACCURACY_FLOOR, ACCURACY_MULTIPLIER, EAGER_SANITY_TOLERANCE, REL_TOLERANCE
@@ -265,7 +273,13 @@ def test_adaptive_rounds_stop_when_steady_and_flag_noise():
 
     noisy_policy = TimingPolicy(min_rounds=6, max_rounds=40, max_time_s=100.0)
     noisy = adaptive_rounds(lambda: None, noisy_policy, run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
-    assert len(noisy) == 40 and median_ci_rel(noisy) > noisy_policy.target_ci_rel
+    # ±2% from a CI of ±100% would take thousands of rounds: the rule stops at 12 and says why.
+    assert len(noisy) == 12 and median_ci_rel(noisy) > noisy_policy.target_ci_rel
+    assert stop_reason(median_ci_rel(noisy), 12, sum(noisy), noisy_policy).startswith("stopped early at ±")
+    slightly = adaptive_rounds(lambda: None, noisy_policy, run=lambda step, n: [0.0100, 0.0106] * (n // 2)
+                               + [0.01] * (n % 2))
+    assert len(slightly) == 40  # within reach: it runs to the round cap
+    assert stop_reason(median_ci_rel(slightly), 40, sum(slightly), noisy_policy).startswith("round cap (40)")
 
     capped = adaptive_rounds(lambda: None, TimingPolicy(min_rounds=6, max_time_s=1.0),
                              run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
