@@ -158,3 +158,23 @@ def test_repeat_interval_covers_fresh_repeats(conv_block):
     assert pairs == 80
     assert covered_repeat >= covered_within
     assert covered_repeat >= 0.8 * pairs, (covered_repeat, covered_within)
+
+
+def test_run_summary_counts_contended_cells_and_ranks_only_the_others():
+    from perfkit.pytest_plugin import run_summary
+    from perfkit.record import Record
+
+    def record(variant: str, speedup: float | None, contended: bool) -> Record:
+        return Record(block="basic", variant=variant, mode="inference", dtype="float32", batch=8, status="ok",
+                      speedup_vs_eager=speedup, speedup_ci_low=speedup and speedup * 0.9,
+                      speedup_ci_high=speedup and speedup * 1.1, contended=contended,
+                      machine_load={"contended_reason": "other processes kept 1.80 of the 2 cores busy"},
+                      wall_split_s={"timed rounds": 3.0, "warm-up": 1.0})
+
+    lines = run_summary([record("eager", None, False), record("bf16", 1.2, False),
+                         record("channels_last", 148.6, True)])
+    assert lines[0].startswith("perfkit: 3 cells timed, 1 contended")
+    assert "basic-channels_last-inference-b8: other processes kept 1.80" in lines[1]
+    assert "largest speedup of any cell, contended or not: 148.60x" in lines[2]
+    assert "largest ranked speedup 1.20x [1.08, 1.32] (basic bf16" in lines[3]
+    assert "wall time of the cells 12.0 s, 75% of it timed rounds" in lines[4]
