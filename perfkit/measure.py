@@ -202,8 +202,9 @@ def warm_up(step: Callable[[], None], policy: TimingPolicy) -> tuple[int, float]
 
 
 UNREACHABLE_FACTOR = 4.0
-"""Stop early when the rounds the target needs (the CI narrows as 1/sqrt(n)) exceed the caps this many
-times over: the rest of the budget would buy a flag, not a figure."""
+"""Stop early, once half the time budget is spent, when the rounds the target needs (the CI narrows as
+1/sqrt(n)) exceed the caps this many times over: the other half would buy a flag, not a figure. Not
+sooner: a dozen rounds on a busy machine overstate the spread."""
 
 
 def _next_chunk(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> int:
@@ -212,7 +213,7 @@ def _next_chunk(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) ->
         return 0
     per_round = spent_s / rounds
     room = min(policy.max_rounds - rounds, int((policy.max_time_s - spent_s) / per_round))
-    if rounds >= 2 * policy.min_rounds and math.isfinite(ci):
+    if rounds >= 2 * policy.min_rounds and spent_s >= policy.max_time_s / 2 and math.isfinite(ci):
         needed = rounds * (ci / policy.target_ci_rel) ** 2
         if needed > UNREACHABLE_FACTOR * min(policy.max_rounds, policy.max_time_s / per_round):
             return 0

@@ -271,15 +271,16 @@ def test_adaptive_rounds_stop_when_steady_and_flag_noise():
     steady = adaptive_rounds(lambda: None, FAST, run=lambda step, n: [0.01] * n)
     assert len(steady) == FAST.min_rounds and median_ci_rel(steady) == 0
 
-    noisy_policy = TimingPolicy(min_rounds=6, max_rounds=40, max_time_s=100.0)
+    noisy_policy = TimingPolicy(min_rounds=6, max_rounds=40, max_time_s=0.4)
     noisy = adaptive_rounds(lambda: None, noisy_policy, run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
-    # ±2% from a CI of ±100% would take thousands of rounds: the rule stops at 12 and says why.
+    # ±2% from a CI of ±100% would take thousands of rounds: once half the 0.4 s is spent, the rule stops.
     assert len(noisy) == 12 and median_ci_rel(noisy) > noisy_policy.target_ci_rel
     assert stop_reason(median_ci_rel(noisy), 12, sum(noisy), noisy_policy).startswith("stopped early at ±")
-    slightly = adaptive_rounds(lambda: None, noisy_policy, run=lambda step, n: [0.0100, 0.0106] * (n // 2)
+    reachable = TimingPolicy(min_rounds=6, max_rounds=40, max_time_s=100.0)
+    slightly = adaptive_rounds(lambda: None, reachable, run=lambda step, n: [0.0100, 0.0106] * (n // 2)
                                + [0.01] * (n % 2))
     assert len(slightly) == 40  # within reach: it runs to the round cap
-    assert stop_reason(median_ci_rel(slightly), 40, sum(slightly), noisy_policy).startswith("round cap (40)")
+    assert stop_reason(median_ci_rel(slightly), 40, sum(slightly), reachable).startswith("round cap (40)")
 
     capped = adaptive_rounds(lambda: None, TimingPolicy(min_rounds=6, max_time_s=1.0),
                              run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
