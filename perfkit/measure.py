@@ -3,23 +3,28 @@
 The order of work in a cell, and why:
 
 1. **Skip** a variant the device cannot run (fp16 on the CPU), with the reason; never substitute another.
-2. **Correctness gate.** The model is built under a fixed seed and deep-copied to float64 on the same
-   device; the float64 copy runs the same batch (inference: the output; training: the output and every
-   gradient after one forward and backward). The variant's relative error ``‖a − ref‖/‖ref‖`` is checked
-   against ``perfkit.testing.REL_TOLERANCE`` for its compute dtype (``tf32`` for float32 on a GPU that
-   allows it), the gradients' against ``GRAD_REL_TOLERANCE``. A cell over tolerance is ``failed`` and is
-   not timed, so it can never read as a speedup.
-   The gate's call is the variant's first call, so for a compiled variant it is the compile time.
+2. **Correctness gate.** The model is built under a fixed seed; once per (entry, mode, batch) group a
+   float64 copy runs the same batch under the same seed (inference: the output; training: the output and
+   every gradient after one forward and backward), and so does eager float32 (:class:`GroupState`, shared
+   by the group's variants through a :class:`GroupCache`). Relative errors ``‖a − ref‖/‖ref‖``: eager is
+   held to its own sanity bound, a float32 variant to a multiple of eager's error plus a floor (the dynamo
+   harness's rule), reduced precision to its table or eager's error scaled to its unit roundoff
+   (``perfkit.testing.gate_tolerance``). A cell over tolerance is ``failed`` and is not timed, so it can
+   never read as a speedup. The gate's call is the variant's first call, so for a compiled variant it is
+   the compile time.
 3. **Warm-up until steady**: batches of steps until two consecutive batches agree on the time per step
    within a few percent (or a time cap).
 4. **Memory** on one separate step: on a GPU the allocator's peak after a reset; on the CPU, where the
    allocator keeps no peak, the profiler's allocator events (``perfkit.memory``).
-5. **Timing, adaptive**: rounds of one step each, each ending in a device synchronization, added in
-   growing chunks until the distribution-free 95% confidence interval of the median is within a target
-   (±2% by default) or a round/time cap is reached; a cell still above the target is flagged ``noisy``.
+5. **Timing, adaptive and paired**: rounds of one step each, each ending in a device synchronization,
+   added in growing chunks until the distribution-free 95% confidence interval of the median is within a
+   target (±2% by default), a round/time cap is reached, or (past half the time) the target is out of
+   reach; a cell still above the target is flagged ``noisy`` and ``timing_stop`` says why it stopped.
    This is nvbench's stopping rule on the median rather than the mean (a GPU's step times are skewed by
-   rare slow rounds). ``torch.utils.benchmark``'s ``adaptive_autorange`` is not used because it times
-   blocks of many steps and keeps no per-step times; the comparison of runs needs every round.
+   rare slow rounds). A variant's rounds are interleaved with the group's warm eager, one eager round
+   before each (``speedup_vs_eager`` with a paired-bootstrap interval), and the machine's load over them
+   is read (``perfkit.machine``: ``contended``, ``machine_load``). ``torch.utils.benchmark``'s
+   ``adaptive_autorange`` is not used because it times blocks of many steps and keeps no per-step times.
 6. **FLOPs** of one step with ``torch.utils.flop_counter`` on the meta device (no arithmetic).
 
 Every failure of a cell becomes its record: ``oom`` (the allocator emptied), ``error`` (a compile error,
