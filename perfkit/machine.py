@@ -30,6 +30,11 @@ CONTENDED_SPARE_CORES = 0.25
 """Others may use up to this many cores beyond the ones left free before a cell counts as contended: a
 shell, a logger, the kernel's own threads keep a few percent of a core busy on any quiet machine."""
 
+MIN_CPU_SHARE = 0.85
+"""On the CPU, a cell whose process got less CPU time than this fraction of ``threads x wall`` was kept
+waiting for a core. Measured on the 2-core CPU with 1 thread: 0.95-1.01 alone, 0.50-0.75 beside two
+busy loops (three runnable threads on two cores get two thirds of a core each)."""
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -82,8 +87,8 @@ def _loadavg() -> tuple[float, int] | None:
 
 
 def _own_cpu_s() -> float:
-    times = os.times()
-    return times.user + times.system
+    # CLOCK_PROCESS_CPUTIME_ID (all threads, nanoseconds); os.times() ticks at 100 Hz, too coarse here.
+    return time.process_time()
 
 
 def gpu_other_processes(device: torch.device) -> list[dict[str, Any]] | None:
@@ -175,6 +180,9 @@ class LoadMonitor:
         if others is not None and others > free + CONTENDED_SPARE_CORES:
             reasons.append(f"other processes kept {others:.2f} of the {cores} cores busy while {threads} "
                            f"thread(s) ran here")
+        # On a GPU the host thread may sleep in a synchronization, so its CPU share says nothing there.
+        if self.device.type == "cpu" and threads > 0 and wall > 0 and own < MIN_CPU_SHARE * threads * wall:
+            reasons.append(f"the process got {own / wall:.2f} cores of CPU time for {threads} thread(s)")
         gpu_others = gpu_other_processes(self.device)
         if gpu_others is not None:
             load["gpu_other_processes"] = gpu_others

@@ -701,6 +701,10 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
         sync()
 
     stages.enter("warm-up")
+    # The load is read from here to the last round: /proc/stat ticks at 100 Hz, and a cell that meets its
+    # target in a dozen short rounds would otherwise be judged on one or two ticks.
+    monitor = LoadMonitor(device)
+    monitor.start()
     warmup_steps, warmup_s = warm_up(timed_step, policy)
     if baseline is not None:
         # Warm once per group: after an earlier cell warmed it, eager gets a few batches to refill its caches.
@@ -719,8 +723,6 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     result.update(peak_memory_bytes=peak - resident, peak_memory_rise_bytes=rise, memory_method=method)
 
     stages.enter("timing")
-    monitor = LoadMonitor(device)
-    monitor.start()
     if baseline is not None:
         times, eager_times = paired_rounds(timed_step, eager_step, policy, run_rounds)
     else:

@@ -65,7 +65,7 @@ class Record:
     contended: bool | None = None
     """Other processes took the cores (or GPU) this cell ran on: its figures are kept, never ranked."""
     machine_load: dict[str, Any] | None = None
-    """What the machine was doing over the timed rounds (perfkit.machine): load average and runnable tasks
+    """What the machine was doing from warm-up to the last round (perfkit.machine): load average and runnable tasks
     before and after, other processes' busy cores, process CPU time and wall time, threads, affinity."""
     threads: int | None = None
     """torch's intra-op threads the cell ran with."""
