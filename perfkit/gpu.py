@@ -238,7 +238,9 @@ class DeviceClockRounds:
             self.uncovered += 1
         return elapsed_s(start, end)
 
-    def __call__(self, step: Callable[[], None], n: int) -> list[float]:
+    def __call__(self, step: Callable[[], None], n: int, before: Callable[[], None] | None = None) -> list[float]:
+        """``n`` host rounds (``before`` runs ahead of each, as paired eager rounds do), each followed by a
+        device round."""
         if not (hasattr(step, "work") and hasattr(step, "sync")):
             raise TypeError("DeviceClockRounds needs a measure.SyncedStep (work and sync apart), got "
                             f"{type(step).__name__}")
@@ -251,7 +253,7 @@ class DeviceClockRounds:
 
         host: list[float] = []
         for _ in range(n):
-            host += self.inner(host_step, 1)
+            host += self.inner(host_step, 1) if before is None else self.inner(host_step, 1, before)
             self.device_times_s.append(self._device_round(step))
         self.host_times_s += host
         return host

@@ -3,23 +3,28 @@
 The order of work in a cell, and why:
 
 1. **Skip** a variant the device cannot run (fp16 on the CPU), with the reason; never substitute another.
-2. **Correctness gate.** The model is built under a fixed seed and deep-copied to float64 on the same
-   device; the float64 copy runs the same batch (inference: the output; training: the output and every
-   gradient after one forward and backward). The variant's relative error ``‖a − ref‖/‖ref‖`` is checked
-   against ``perfkit.testing.REL_TOLERANCE`` for its compute dtype (``tf32`` for float32 on a GPU that
-   allows it), the gradients' against ``GRAD_REL_TOLERANCE``. A cell over tolerance is ``failed`` and is
-   not timed, so it can never read as a speedup.
-   The gate's call is the variant's first call, so for a compiled variant it is the compile time.
+2. **Correctness gate.** The model is built under a fixed seed; once per (entry, mode, batch) group a
+   float64 copy runs the same batch under the same seed (inference: the output; training: the output and
+   every gradient after one forward and backward), and so does eager float32 (:class:`GroupState`, shared
+   by the group's variants through a :class:`GroupCache`). Relative errors ``‖a − ref‖/‖ref‖``: eager is
+   held to its own sanity bound, a float32 variant to a multiple of eager's error plus a floor (the dynamo
+   harness's rule), reduced precision to its table or eager's error scaled to its unit roundoff
+   (``perfkit.testing.gate_tolerance``). A cell over tolerance is ``failed`` and is not timed, so it can
+   never read as a speedup. The gate's call is the variant's first call, so for a compiled variant it is
+   the compile time.
 3. **Warm-up until steady**: batches of steps until two consecutive batches agree on the time per step
    within a few percent (or a time cap).
 4. **Memory** on one separate step: on a GPU the allocator's peak after a reset; on the CPU, where the
    allocator keeps no peak, the profiler's allocator events (``perfkit.memory``).
-5. **Timing, adaptive**: rounds of one step each, each ending in a device synchronization, added in
-   growing chunks until the distribution-free 95% confidence interval of the median is within a target
-   (±2% by default) or a round/time cap is reached; a cell still above the target is flagged ``noisy``.
+5. **Timing, adaptive and paired**: rounds of one step each, each ending in a device synchronization,
+   added in growing chunks until the distribution-free 95% confidence interval of the median is within a
+   target (±2% by default), a round/time cap is reached, or (past half the time) the target is out of
+   reach; a cell still above the target is flagged ``noisy`` and ``timing_stop`` says why it stopped.
    This is nvbench's stopping rule on the median rather than the mean (a GPU's step times are skewed by
-   rare slow rounds). ``torch.utils.benchmark``'s ``adaptive_autorange`` is not used because it times
-   blocks of many steps and keeps no per-step times; the comparison of runs needs every round.
+   rare slow rounds). A variant's rounds are interleaved with the group's warm eager, one eager round
+   before each (``speedup_vs_eager`` with a paired-bootstrap interval), and the machine's load over them
+   is read (``perfkit.machine``: ``contended``, ``machine_load``). ``torch.utils.benchmark``'s
+   ``adaptive_autorange`` is not used because it times blocks of many steps and keeps no per-step times.
 6. **FLOPs** of one step with ``torch.utils.flop_counter`` on the meta device (no arithmetic).
 
 Every failure of a cell becomes its record: ``oom`` (the allocator emptied), ``error`` (a compile error,
@@ -35,7 +40,7 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,12 +49,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from perfkit.device import device_identity
 from perfkit.gpu import DeviceClockRounds
+from perfkit.machine import LoadMonitor
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
 from perfkit.memory_model import MemoryPlan, format_bytes, plan_cell_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
-from perfkit.testing import GRAD_REL_TOLERANCE, REL_TOLERANCE, relative_error
+from perfkit.testing import (
+    ACCURACY_FLOOR,
+    ACCURACY_MULTIPLIER,
+    EAGER_SANITY_TOLERANCE,
+    GRAD_REL_TOLERANCE,
+    REL_TOLERANCE,
+    gate_tolerance,
+    relative_error,
+)
 from perfkit.variants import (
     MODES,
     Prepared,
@@ -64,8 +78,9 @@ from perfkit.variants import (
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
 TIMER = "time.perf_counter around one step that ends in a device synchronization"
 
-RoundRunner = Callable[[Callable[[], None], int], list[float]]
-"""``run(step, n)`` runs ``n`` timed rounds of one synchronizing step and returns their times in seconds."""
+RoundRunner = Callable[..., list[float]]
+"""``run(step, n, before=None)`` runs ``n`` timed rounds of one synchronizing step and returns their times in
+seconds; ``before``, when given, runs untimed before each round (the paired rounds time eager's step in it)."""
 
 
 @dataclass(frozen=True)
@@ -85,8 +100,9 @@ class TimingPolicy:
     warmup_max_s: float = 10.0
 
 
-QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=200, max_time_s=1.0, warmup_batch_s=0.02, warmup_max_s=1.0)
-"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule."""
+QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=400, max_time_s=2.0, warmup_batch_s=0.02, warmup_max_s=1.0)
+"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule. The cap on
+the timed rounds covers a variant's and eager's paired rounds together."""
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
@@ -113,10 +129,12 @@ class SyncedStep:
         self.sync()
 
 
-def clock_rounds(step: Callable[[], None], n: int) -> list[float]:
-    """Time ``n`` calls of ``step`` (which synchronizes) with ``time.perf_counter``."""
+def clock_rounds(step: Callable[[], None], n: int, before: Callable[[], None] | None = None) -> list[float]:
+    """Time ``n`` calls of ``step`` (which synchronizes) with ``time.perf_counter``; ``before`` runs untimed."""
     times = []
     for _ in range(n):
+        if before is not None:
+            before()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
@@ -137,21 +155,25 @@ class BenchmarkRounds:
         self.benchmark = benchmark
         self.setup = setup
 
-    def _clock(self, step: Callable[[], None], n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            if self.setup is not None:
-                self.setup()
-            times += clock_rounds(step, 1)
-        return times
+    def _setup(self, before: Callable[[], None] | None) -> Callable[[], None] | None:
+        if before is None or self.setup is None:
+            return before or self.setup
+        setup = self.setup
 
-    def __call__(self, step: Callable[[], None], n: int) -> list[float]:
+        def both() -> None:
+            setup()
+            before()
+
+        return both
+
+    def __call__(self, step: Callable[[], None], n: int, before: Callable[[], None] | None = None) -> list[float]:
+        setup = self._setup(before)
         if self.benchmark.disabled:
-            return self._clock(step, n)
+            return clock_rounds(step, n, setup)
         if self.benchmark.stats is None:
-            self.benchmark.pedantic(step, setup=self.setup, rounds=n, iterations=1, warmup_rounds=0)
+            self.benchmark.pedantic(step, setup=setup, rounds=n, iterations=1, warmup_rounds=0)
             return list(self.benchmark.stats.stats.data)
-        times = self._clock(step, n)
+        times = clock_rounds(step, n, setup)
         for duration in times:
             self.benchmark.stats.stats.update(duration)
         return times
@@ -202,23 +224,123 @@ def warm_up(step: Callable[[], None], policy: TimingPolicy) -> tuple[int, float]
     return steps, time.perf_counter() - start
 
 
+UNREACHABLE_FACTOR = 4.0
+"""Stop early, once half the time budget is spent, when the rounds the target needs (the CI narrows as
+1/sqrt(n)) exceed the caps this many times over: the other half would buy a flag, not a figure. Not
+sooner: a dozen rounds on a busy machine overstate the spread."""
+
+
+def _next_chunk(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> int:
+    """Rounds to add next, or 0 to stop (target met, a cap reached, or the target out of reach)."""
+    if ci <= policy.target_ci_rel or rounds >= policy.max_rounds or spent_s >= policy.max_time_s:
+        return 0
+    per_round = spent_s / rounds
+    room = min(policy.max_rounds - rounds, int((policy.max_time_s - spent_s) / per_round))
+    if rounds >= 2 * policy.min_rounds and spent_s >= policy.max_time_s / 2 and math.isfinite(ci):
+        needed = rounds * (ci / policy.target_ci_rel) ** 2
+        if needed > UNREACHABLE_FACTOR * min(policy.max_rounds, policy.max_time_s / per_round):
+            return 0
+    # Grow by half of what was run: the CI narrows as 1/sqrt(n), so doubling n costs what it buys.
+    return max(0, min(room, max(policy.min_rounds, rounds // 2)))
+
+
+def stop_reason(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> str:
+    """Why the timed rounds ended: the target met, a cap, or stopped early with the rounds it would need."""
+    if ci <= policy.target_ci_rel:
+        return f"median's 95% CI within ±{policy.target_ci_rel:.0%}"
+    if rounds >= policy.max_rounds:
+        return f"round cap ({policy.max_rounds}) reached at ±{ci:.1%}"
+    if spent_s >= policy.max_time_s:
+        return f"time cap ({policy.max_time_s:g} s) reached at ±{ci:.1%}"
+    if not math.isfinite(ci):
+        return f"too few rounds for a CI ({rounds}) within the caps"
+    needed = rounds * (ci / policy.target_ci_rel) ** 2
+    return (f"stopped early at ±{ci:.1%} after {rounds} rounds: ±{policy.target_ci_rel:.0%} would take "
+            f"~{needed:.0f}, beyond the caps")
+
+
 def adaptive_rounds(step: Callable[[], None], policy: TimingPolicy, run: RoundRunner = clock_rounds) -> list[float]:
-    """Time rounds of ``step`` in growing chunks until the median's CI is within target or a cap is hit."""
+    """Time rounds of ``step`` in growing chunks until the median's CI is within target, a cap is hit, or the
+    target is clearly out of reach (:data:`UNREACHABLE_FACTOR`)."""
     times: list[float] = []
     chunk = policy.min_rounds
-    while True:
+    while chunk > 0:
         times += run(step, chunk)
-        if median_ci_rel(times) <= policy.target_ci_rel or len(times) >= policy.max_rounds:
-            return times
-        spent = sum(times)
-        if spent >= policy.max_time_s:
-            return times
-        per_round = spent / len(times)
-        room = min(policy.max_rounds - len(times), int((policy.max_time_s - spent) / per_round))
-        # Grow by half of what was run: the CI narrows as 1/sqrt(n), so doubling n costs what it buys.
-        chunk = max(1, min(room, max(policy.min_rounds, len(times) // 2)))
-        if room < 1:
-            return times
+        chunk = _next_chunk(median_ci_rel(times), len(times), sum(times), policy)
+    return times
+
+
+def paired_rounds(step: Callable[[], None], baseline_step: Callable[[], None], policy: TimingPolicy,
+                  run: RoundRunner = clock_rounds) -> tuple[list[float], list[float]]:
+    """Interleaved rounds: each round of ``step`` is preceded by one timed round of ``baseline_step``.
+
+    Returns (step's times, baseline's times), pair ``i`` run back to back, so a change of the machine's load
+    hits both members of a pair. Chunks grow as in :func:`adaptive_rounds` until both medians' CIs are
+    within target, or the rounds of both together reach a cap.
+    """
+    baseline: list[float] = []
+
+    def timed_baseline() -> None:
+        start = time.perf_counter()
+        baseline_step()
+        baseline.append(time.perf_counter() - start)
+
+    times: list[float] = []
+    chunk = policy.min_rounds
+    while chunk > 0:
+        times += run(step, chunk, timed_baseline)
+        ci = max(median_ci_rel(times), median_ci_rel(baseline))
+        chunk = _next_chunk(ci, len(times), sum(times) + sum(baseline), policy)
+    return times, baseline
+
+
+def paired_ratio_ci(baseline: list[float], times: list[float], resamples: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """(median over pairs of ``baseline[i] / times[i]``, its 2.5% and 97.5% bootstrap bounds over pairs).
+
+    The ratio is taken within each pair, then the median across pairs: a pair's two rounds ran back to
+    back under the same load, so their ratio is what pairing protects. The ratio of the two medians (the
+    dynamo harness's) is not: on a 2-core CPU with busy loops beside it, rounds are either ~0.2 ms or
+    ~400 ms (an OpenMP barrier waiting out scheduler slices), the two medians can land in different modes,
+    and eager against itself read 449x; the median of pair ratios read 1.01-1.04 in the same runs.
+    Deterministic (fixed ``seed``).
+    """
+    if len(baseline) != len(times) or not times:
+        raise ValueError(f"paired rounds must have equal, non-zero lengths; got {len(baseline)} and {len(times)}")
+    ratios = torch.tensor(baseline, dtype=torch.float64) / torch.tensor(times, dtype=torch.float64)
+    ratio = statistics.median(ratios.tolist())
+    index = torch.randint(len(times), (resamples, len(times)), generator=torch.Generator().manual_seed(seed))
+    boot = ratios[index].quantile(0.5, dim=1)
+    low, high = boot.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return ratio, min(low, ratio), max(high, ratio)
+
+
+REPEAT_FLOOR_REL = 0.03
+"""Part of a fresh repeat's deviation that one run cannot see (memory placement, the allocator's state,
+the machine's load), added to the interval a record states for a repeat. Calibrated on the 2-core CPU
+with tests/test_timing.py's repeat test (4 cells x 5 repeats, 1 thread, load average 8-9): with no floor
+the interval held the other repeats' medians 63 of 80 times, with 0.03 74 of 80, with 0.05 78 of 80;
+the within-run CI alone, 43 of 80 (README, "What the intervals mean")."""
+
+
+def repeat_interval_rel(times: list[float], segments: int = 3) -> float | None:
+    """Half-width, over the median, of the interval that should hold a fresh repeat's median (~95%).
+
+    The within-run CI of the median (:func:`median_ci_rel`) assumes rounds are independent and speaks of
+    this run's median only. A repeat's median differs from this one by both runs' sampling error (√2 × the
+    CI), by slow drift that the rounds' order shows (the spread of the medians of ``segments`` consecutive
+    stretches of rounds), and by what no single run shows (:data:`REPEAT_FLOOR_REL`).
+    """
+    ci = median_ci_rel(times)
+    if not math.isfinite(ci):
+        return None
+    median = statistics.median(times)
+    size = len(times) // segments
+    drift = 0.0
+    if size >= 3:
+        medians = [statistics.median(times[i * size:(i + 1) * size]) for i in range(segments)]
+        drift = (max(medians) - min(medians)) / median / 2
+    return math.sqrt(2) * ci + drift + REPEAT_FLOOR_REL
 
 
 def tolerance_dtype(variant: Variant, device: torch.device | str) -> str:
@@ -322,37 +444,124 @@ def error_message(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+@dataclass
+class GroupState:
+    """What the variants of one (entry, mode, batch) group share: computed once, by the group's first cell.
+
+    The float64 reference (same seed, input and model for every variant), eager float32's error against
+    it (the calibrated gate's yardstick), the eager cell itself, prepared and kept warm to be timed beside
+    each variant, and the FLOP count (of the eager step, the same for every variant).
+    """
+
+    ref_out: torch.Tensor
+    ref_grad: torch.Tensor | None
+    eager_error: float
+    eager_grad_error: float | None
+    eager: Prepared | None
+    """None when eager failed its own gate (``eager_failure`` says why): its variants are timed unpaired."""
+    eager_failure: str | None
+    eager_first_call_s: float
+    eager_warm: bool = False
+    flops: int | None = None
+    gate_batch: int | None = None
+    """The batch the reference (and so every variant's gate) ran at: the cell's, or the largest that fits."""
+
+
+class GroupCache:
+    """The :class:`GroupState` of each group of the entry being measured; a new entry drops the previous ones.
+
+    The matrix runs an entry's cells together (its variants, modes and batches), so holding only the
+    current entry's groups bounds the memory kept: one eager model, input and optimizer state per mode and
+    batch of one entry.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+        self._groups: dict[tuple, GroupState] = {}
+
+    def get(self, entry_key: tuple, group_key: tuple) -> GroupState | None:
+        """The group's state, or None; a different ``entry_key`` than the last one empties the cache."""
+        if entry_key != self._entry:
+            self._groups.clear()
+            self._entry = entry_key
+        return self._groups.get(group_key)
+
+    def put(self, group_key: tuple, state: GroupState) -> None:
+        """Keep ``state`` for the rest of this entry's cells."""
+        self._groups[group_key] = state
+
+    def clear(self) -> None:
+        """Drop every kept group (its eager model and tensors)."""
+        self._groups.clear()
+        self._entry = None
+
+
+class _Stages:
+    """Wall time per stage of a cell (``wall_split_s``), and the stage a failure is reported in."""
+
+    def __init__(self, progress: dict[str, Any]) -> None:
+        self.progress = progress
+        self.split: dict[str, float] = {}
+        self._name: str | None = None
+        self._start = time.perf_counter()
+
+    def enter(self, name: str, label: str | None = None) -> None:
+        """Close the current stage and start ``name`` (``label`` is what a failure in it reports)."""
+        now = time.perf_counter()
+        if self._name is not None:
+            self.split[self._name] = self.split.get(self._name, 0.0) + now - self._start
+        self._name, self._start = name, now
+        self.progress["stage"] = label or name
+
+    def close(self) -> dict[str, float]:
+        """Close the current stage; the split so far."""
+        self.enter("done")
+        return self.split
+
+
 def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, device: torch.device | str, *,
                  bench_shape: bool, seed: int = 0, policy: TimingPolicy | None = None,
-                 run_rounds: RoundRunner = clock_rounds, flops: bool = True) -> Record:
+                 run_rounds: RoundRunner = clock_rounds, flops: bool = True, paired: bool | None = None,
+                 groups: GroupCache | None = None, threads: int | None = None) -> Record:
     """Gate, warm up, measure memory, time and count one cell; every failure becomes the record's status.
 
     ``run_rounds`` runs the timed rounds (the benchmark passes one that records them in pytest-benchmark).
+    ``paired`` interleaves the variant's rounds with eager's (default: every variant but eager itself);
+    ``groups`` shares the float64 reference and the warm eager cell between the cells of a group (default:
+    nothing shared); ``threads`` sets torch's intra-op threads for the cell (default: as they are).
     Raises only for a bad argument (unknown block, variant or mode), never for a cell that fails.
     """
     entry = get_entry(name)
     variant = parse_variant(variant)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads}")
     device = torch.device(device)
     if device.type == "cuda" and not isinstance(run_rounds, DeviceClockRounds):
         run_rounds = DeviceClockRounds(run_rounds, device)  # issue 14: the device clock beside the host's
     shape = entry.bench_shape if bench_shape else entry.test_shape
     tol_dtype = tolerance_dtype(variant, device)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     base: dict[str, Any] = dict(
         block=name, variant=variant.name, mode=mode, dtype=variant.compute_dtype, batch=batch, kind=entry.kind,
-        input_shape=[batch, *shape], device=device_identity(device), tolerance=REL_TOLERANCE[tol_dtype],
-        grad_tolerance=GRAD_REL_TOLERANCE[tol_dtype] if mode == "training" else None,
-        timer=TIMER,
+        input_shape=[batch, *shape], device=device_identity(device), timer=TIMER, threads=torch.get_num_threads(),
     )
     progress: dict[str, Any] = {"stage": "build", "result": {}}
     try:
         return _run_cell(entry, variant, mode, batch, device, bench_shape, seed, policy or TimingPolicy(),
-                         run_rounds, flops, tol_dtype, base, progress)
+                         run_rounds, flops, tol_dtype, base, progress,
+                         paired if paired is not None else variant.name != "eager", groups or GroupCache())
     except Exception as error:  # every failure of a cell is recorded, the matrix goes on
         status = "oom" if is_oom(error) else "error"
         reason = f"{progress['stage']}: {error_message(error)}"
+    finally:
+        torch.set_num_threads(previous_threads)
     # Out of the except block, the traceback (and the tensors its frames hold) is gone: free the memory.
+    if groups is not None and status == "oom":
+        groups.clear()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -375,17 +584,89 @@ def _plan(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.d
     return plan
 
 
+def _first_call(prepared: Prepared, mode: str, seed: int, sync: Callable[[], None], gate_batch: int
+                ) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+    """The variant's first call, on the first ``gate_batch`` samples (as the reference ran), for the gate."""
+    full_inputs = prepared.inputs
+    if gate_batch < full_inputs.shape[0]:
+        prepared.inputs = full_inputs[:gate_batch].detach().requires_grad_(full_inputs.requires_grad)
+    # The reference ran under the same seed: dropout draws the same mask in float32 and float64.
+    torch.manual_seed(seed + 2)
+    start = time.perf_counter()
+    try:
+        if mode == "training":
+            out, grads = prepared.forward_backward()
+        else:
+            out, grads = prepared.forward(), []
+        sync()
+    finally:
+        if prepared.inputs is not full_inputs:  # the timed steps run the whole batch
+            prepared.inputs, prepared._loss_target = full_inputs, None
+    return out, grads, time.perf_counter() - start
+
+
+def _group_state(entry: Entry, mode: str, batch: int, device: torch.device, bench_shape: bool, seed: int,
+                 input_requires_grad: bool, tol_dtype: str, stages: _Stages, gate_batch: int) -> GroupState:
+    """Build the float64 reference (on the first ``gate_batch`` samples) and the eager cell of a group, and
+    gate eager against its own bound."""
+    stages.enter("float64 reference")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = entry.create()
+    x = entry.example_input(batch, bench=bench_shape, device=device, generator=torch.Generator().manual_seed(seed + 1))
+    torch.manual_seed(seed + 2)
+    ref_out, ref_grads = _reference(model, x[:gate_batch], mode, input_requires_grad, seed)
+    ref_out = ref_out.to("cpu")
+    ref_grad = _flat(ref_grads) if ref_grads else None
+    del ref_grads
+
+    stages.enter("eager first call")
+    eager = EAGER.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
+    sync = synchronizer(device)
+    out, grads, first_call_s = _first_call(eager, mode, seed, sync, gate_batch)
+    stages.enter("correctness gate")
+    error = relative_error(out.float(), ref_out)
+    grad_error = relative_error(_flat(grads), ref_grad) if ref_grad is not None else None
+    del out, grads
+    eager.zero_grad()
+    bounds = EAGER_SANITY_TOLERANCE.get(tol_dtype)
+    failure = None
+    if bounds is not None:
+        failures = [f"{what} relative error {err:.3e} > {tol:.1e}"
+                    for what, err, tol in (("output", error, bounds[0]), ("gradients", grad_error, bounds[1]))
+                    if err is not None and not err <= tol]
+        if failures:
+            failure = f"{'; '.join(failures)} ({tol_dtype}, eager's own bound) against the float64 reference"
+    return GroupState(ref_out, ref_grad, error, grad_error, None if failure else eager, failure, first_call_s,
+                      gate_batch=gate_batch)
+
+
+EAGER = parse_variant("eager")
+
+
+def eager_gate(name: str, mode: str, batch: int, device: torch.device | str = "cpu", *, bench_shape: bool,
+               seed: int = 0) -> GroupState:
+    """Eager float32 of one group against its float64 reference and its own bound (what a group's first cell
+    does before any variant): ``eager_failure`` is None when eager passes."""
+    entry = get_entry(name)
+    device = torch.device(device)
+    return _group_state(entry, mode, batch, device, bench_shape, seed, entry.kind == "block",
+                        tolerance_dtype(EAGER, device), _Stages({}), batch)
+
+
 def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
               seed: int, policy: TimingPolicy, run_rounds: RoundRunner, flops: bool, tol_dtype: str,
-              base: dict[str, Any], progress: dict[str, Any]) -> Record:
+              base: dict[str, Any], progress: dict[str, Any], paired: bool, groups: GroupCache) -> Record:
     result = progress["result"]
+    stages = _Stages(progress)
+    stages.enter("build")
     # The skip check and the memory plan come before anything is allocated on the device.
     with torch.device("meta"):
         base["params"] = sum(p.numel() for p in entry.create().parameters())
         reason = variant.skip_reason(device, entry.create())
     if reason:
         return Record(status="skipped", reason=reason, **base)
-    progress["stage"] = "memory prediction"
+    stages.enter("memory prediction")
     plan = _plan(entry, variant, mode, batch, device, bench_shape, seed, result)
     gate_batch = plan.gate_batch if plan is not None else batch
     result["gate_batch"] = gate_batch
@@ -398,7 +679,7 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
             f"predicted: the float64 reference does not fit at batch 1 ({format_bytes(plan.reference_peak_bytes)}"
             f" at batch 1 against {format_bytes(plan.free_bytes)} free), so the cell cannot be gated; not run"),
             **base, **result)
-
+    stages.enter("build")
     torch.manual_seed(seed)
     with torch.device(device):
         model = entry.create()
@@ -406,73 +687,122 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
                             generator=torch.Generator().manual_seed(seed + 1))
     # A block's input comes from earlier layers and needs its gradient; a network's input is data.
     input_requires_grad = entry.kind == "block"
-
-    progress["stage"] = "float64 reference"
-    ref_out, ref_grads = _reference(model, x[:gate_batch], mode, input_requires_grad, seed)
-    ref_out = ref_out.to("cpu")
-    ref_grad = _flat(ref_grads) if ref_grads else None
-    del ref_grads
-
-    progress["stage"] = "variant"
-    if variant.compile_mode is not None:
-        # A fresh compile per cell: dynamo's caches are keyed on code, and a cell must not reuse (or
-        # exhaust the recompile limit with) another cell's graphs.
-        torch._dynamo.reset()
-    prepared = variant.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
     sync = synchronizer(device)
 
-    progress["stage"] = "first call (compile)" if variant.compile_mode is not None else "first call"
-    full_inputs = prepared.inputs
-    if gate_batch < batch:  # the gate runs on the first gate_batch samples, as the reference did
-        prepared.inputs = full_inputs[:gate_batch].detach().requires_grad_(full_inputs.requires_grad)
-    start = time.perf_counter()
-    if mode == "training":
-        out, grads = prepared.forward_backward()
-    else:
-        out, grads = prepared.forward(), []
-    sync()
-    first_call_s = time.perf_counter() - start
-    if variant.compile_mode is not None:
-        result["compile_time_s"] = first_call_s
-    if gate_batch < batch:
-        prepared.inputs, prepared._loss_target = full_inputs, None
+    entry_key = (entry.name, str(device), bench_shape, seed)
+    group_key = (mode, batch)
+    group = groups.get(entry_key, group_key)
+    if group is None:
+        group = _group_state(entry, mode, batch, device, bench_shape, seed, input_requires_grad, tol_dtype, stages,
+                             gate_batch)
+        groups.put(group_key, group)
+    # The group's reference decides the gate's batch (its first cell planned it).
+    result.update(eager_rel_error=group.eager_error, eager_grad_rel_error=group.eager_grad_error,
+                  gate_batch=group.gate_batch)
 
-    progress["stage"] = "correctness gate"
-    out_error = relative_error(out.float(), ref_out)
-    result["rel_error"] = out_error
-    if ref_grad is not None:
-        result["grad_rel_error"] = relative_error(_flat(grads), ref_grad)
-    del out, grads, ref_out, ref_grad
+    timed_is_eager = variant.name == "eager" and not paired
+    if timed_is_eager:
+        # The eager cell is the group's eager, gated already against its own bound.
+        if group.eager is None:
+            return Record(status="failed", reason=group.eager_failure, **base, **result,
+                          rel_error=group.eager_error, grad_rel_error=group.eager_grad_error,
+                          tolerance=EAGER_SANITY_TOLERANCE[tol_dtype][0],
+                          grad_tolerance=EAGER_SANITY_TOLERANCE[tol_dtype][1] if mode == "training" else None)
+        prepared = group.eager
+        first_call_s = group.eager_first_call_s
+        out_error, grad_error = group.eager_error, group.eager_grad_error
+        tolerance, grad_tolerance = EAGER_SANITY_TOLERANCE.get(tol_dtype, (REL_TOLERANCE[tol_dtype],
+                                                                          GRAD_REL_TOLERANCE[tol_dtype]))
+        del model, x
+    else:
+        stages.enter("variant")
+        if variant.compile_mode is not None:
+            # A fresh compile per cell: dynamo's caches are keyed on code, and a cell must not reuse (or
+            # exhaust the recompile limit with) another cell's graphs.
+            torch._dynamo.reset()
+        prepared = variant.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
+        stages.enter("compile" if variant.compile_mode is not None else "first call",
+                     "first call (compile)" if variant.compile_mode is not None else "first call")
+        out, grads, first_call_s = _first_call(prepared, mode, seed, sync, group.gate_batch)
+        if variant.compile_mode is not None:
+            result["compile_time_s"] = first_call_s
+        stages.enter("correctness gate")
+        out_error = relative_error(out.float(), group.ref_out)
+        grad_error = relative_error(_flat(grads), group.ref_grad) if group.ref_grad is not None else None
+        del out, grads
+        eager_ok = group.eager is not None
+        tolerance = gate_tolerance(tol_dtype, group.eager_error if eager_ok else None)
+        grad_tolerance = gate_tolerance(tol_dtype, group.eager_grad_error if eager_ok else None, gradients=True)
+        prepared.zero_grad()
+    if mode != "training":
+        grad_tolerance = None
+    result.update(rel_error=out_error, grad_rel_error=grad_error)
+    base.update(tolerance=tolerance, grad_tolerance=grad_tolerance)
     failures = [f"{what} relative error {err:.3e} > {tol:.1e}"
-                for what, err, tol in (("output", out_error, base["tolerance"]),
-                                       ("gradients", result.get("grad_rel_error"), base["grad_tolerance"]))
-                if err is not None and err > tol]
+                for what, err, tol in (("output", out_error, tolerance), ("gradients", grad_error, grad_tolerance))
+                if err is not None and tol is not None and not err <= tol]
     if failures:
-        reason = f"{'; '.join(failures)} ({tol_dtype}) against the float64 reference"
+        if group.eager is None:
+            rule = "fixed table, eager failed its own bound"
+        elif tol_dtype in ACCURACY_FLOOR:
+            rule = f"{ACCURACY_MULTIPLIER:g}x eager's error + floor"
+        else:
+            rule = f"fixed table or {ACCURACY_MULTIPLIER:g}x eager's error scaled to {tol_dtype}'s unit roundoff"
+        reason = f"{'; '.join(failures)} ({tol_dtype}: {rule}) against the float64 reference"
+        result["wall_split_s"] = stages.close()
         return Record(status="failed", reason=reason, **base, **result)
-    prepared.zero_grad()
     if variant.triton and triton_interpreted(device):
+        result["wall_split_s"] = stages.close()
         return Record(status="skipped", **base, **result, reason=(
             f"correctness checked (relative error {result['rel_error']:.2e}); not timed: TRITON_INTERPRET=1 "
             "runs the kernels in the interpreter"))
 
     timed_step = SyncedStep(prepared.step, sync)
 
-    progress["stage"] = "warm-up"
+    baseline = group.eager if paired and group.eager is not None and group.eager is not prepared else None
+
+    def eager_step() -> None:
+        baseline.step()
+        sync()
+
+    stages.enter("warm-up")
+    # The load is read from here to the last round: /proc/stat ticks at 100 Hz, and a cell that meets its
+    # target in a dozen short rounds would otherwise be judged on one or two ticks.
+    monitor = LoadMonitor(device)
+    monitor.start()
     warmup_steps, warmup_s = warm_up(timed_step, policy)
+    if baseline is not None:
+        # Warm once per group: after an earlier cell warmed it, eager gets a few batches to refill its caches.
+        warm_up(eager_step, replace(policy, warmup_max_s=policy.warmup_batch_s * 3) if group.eager_warm else policy)
+        group.eager_warm = True
+    if prepared is group.eager:
+        group.eager_warm = True
     # An eager variant's first call (cuDNN's algorithm search, allocator growth) is warm-up too.
     result.update(warmup_steps=warmup_steps,
                   warmup_time_s=warmup_s + (0.0 if variant.compile_mode is not None else first_call_s))
 
-    progress["stage"] = "memory"
+    stages.enter("memory")
+    # On a GPU the allocator counts the group's eager state too; it is not this cell's.
+    resident = _live_bytes(baseline) if baseline is not None and device.type == "cuda" else 0
     peak, rise, method = step_memory(prepared, timed_step, device)
-    result.update(peak_memory_bytes=peak, peak_memory_rise_bytes=rise, memory_method=method)
+    result.update(peak_memory_bytes=peak - resident, peak_memory_rise_bytes=rise, memory_method=method)
 
-    progress["stage"] = "timing"
-    times = adaptive_rounds(timed_step, policy, run_rounds)
+    stages.enter("timing")
+    def time_rounds() -> tuple[list[float], list[float]]:
+        if baseline is not None:
+            return paired_rounds(timed_step, eager_step, policy, run_rounds)
+        return adaptive_rounds(timed_step, policy, run_rounds), []
+
+    times, eager_times = time_rounds()
     if isinstance(run_rounds, DeviceClockRounds):  # issue 14: clocks, throttling, device times
-        times = run_rounds.retime_if_throttled(lambda: adaptive_rounds(timed_step, policy, run_rounds), times)
+        retimed: list[list[float]] = []
+        times = run_rounds.retime_if_throttled(lambda: retimed.append(time_rounds()) or retimed[-1][0], times)
+        if retimed:
+            eager_times = retimed[-1][1]
         result.update(run_rounds.record_fields())
+    load = monitor.stop(base["threads"])
+    result["timing_stop"] = stop_reason(max(median_ci_rel(times), median_ci_rel(eager_times) if eager_times else 0.0),
+                                        len(times), sum(times) + sum(eager_times), policy)
     median = statistics.median(times)
     mean = statistics.fmean(times)
     ci = median_ci_rel(times)
@@ -481,12 +811,24 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
         step_time_p20_s=quantile(times, 0.2), step_time_p80_s=quantile(times, 0.8),
         step_time_cv=statistics.stdev(times) / mean if len(times) > 1 and mean > 0 else None,
         step_time_ci_rel=ci if math.isfinite(ci) else None, noise_bound_rel=policy.target_ci_rel,
+        step_time_repeat_rel=repeat_interval_rel(times),
         noisy=not ci <= policy.target_ci_rel, samples_per_s=batch / median if median > 0 else None,
+        contended=load.pop("contended"), machine_load=load,
     )
+    if eager_times:
+        ratio, low, high = paired_ratio_ci(eager_times, times)
+        result.update(eager_times_s=eager_times, speedup_vs_eager=ratio, speedup_ci_low=low, speedup_ci_high=high)
+    timed_s = sum(times) + sum(eager_times)
 
     if flops:
-        progress["stage"] = "flop count"
-        result["flops_per_step"] = step_flops(entry, batch, bench_shape, mode, input_requires_grad)
+        stages.enter("flop count")
+        if group.flops is None:
+            group.flops = step_flops(entry, batch, bench_shape, mode, input_requires_grad)
+        result["flops_per_step"] = group.flops
         if median > 0:
             result["tflops_per_s"] = result["flops_per_step"] / median / 1e12
+    split = stages.close()
+    split["timing"] -= timed_s
+    split["timed rounds"] = timed_s
+    result["wall_split_s"] = split
     return Record(status="ok", **base, **result)

@@ -26,6 +26,9 @@ option                      environment          meaning
 ``--perfkit-import``        ``PERFKIT_IMPORT``   comma list of modules whose ``@perfkit.register`` calls add
                                                  blocks (a user's own models); installed packages may also
                                                  expose them through the ``perfkit.blocks`` entry points
+``--perfkit-threads``       ``PERFKIT_THREADS``  torch's intra-op threads per cell (default: torch's
+                                                 default, at most the cores that other processes did not
+                                                 keep busy over 0.5 s at the start of the run)
 ==========================  ===================  ==========================================================
 
 A profile with a time limit (``gpu-smoke``) and a shard print the plan (every cell's estimated cost, the
@@ -43,6 +46,11 @@ warm-up: perfkit warms up until steady before), each round a step that ends in a
 when the adaptive rule asks for more rounds than the first call ran, they are timed with the same clock
 and appended to the same ``stats`` (pytest-benchmark's ``Stats.update``), so ``stats.data`` holds exactly
 the record's ``times_s``. Raw rounds are kept in saved runs too (``benchmark_save_data`` is forced on).
+A variant's rounds are interleaved with eager's (pytest-benchmark's ``setup`` runs, untimed by it, one
+timed eager step before each round): ``stats.data`` stays the variant's rounds, eager's paired rounds are
+the record's ``eager_times_s``, and ``speedup_vs_eager`` their ratio. The cells of an (entry, mode, batch)
+group share one float64 reference and one warm eager model (``measure.GroupCache``). At the end of the run
+the terminal summary gives the contended cells, the largest ranked speedup and where the wall time went.
 
 Cells that are not timed. pytest-benchmark writes only benchmarks that ran, so:
 
@@ -70,7 +78,8 @@ import torch
 
 import perfkit
 from perfkit.device import default_device, device_identity
-from perfkit.measure import QUICK_POLICY, BenchmarkRounds, TimingPolicy, measure_cell
+from perfkit.machine import available_cores, default_threads
+from perfkit.measure import QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
 from perfkit.plan import (
     CEILINGS_S,
     OTHER_TEST_S,
@@ -185,6 +194,7 @@ OPTIONS = {
     "kernels": "PERFKIT_KERNELS",
     "shard": "PERFKIT_SHARD",
     "import": "PERFKIT_IMPORT",
+    "threads": "PERFKIT_THREADS",
 }
 ISOLATE_ENV = "PERFKIT_ISOLATE"
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
@@ -206,6 +216,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "kernels": f"comma-separated kernels from {', '.join(KERNELS)}, or none (default: all)",
         "shard": "K/N: run only shard K of N (1-based), cells balanced by estimated cost",
         "import": "comma-separated modules to import first; their @perfkit.register calls add blocks",
+        "threads": f"torch intra-op threads per cell, 1..{available_cores()} (default: torch's default, at most "
+                   "the cores not kept busy by other processes at the start of the run)",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
@@ -242,6 +254,11 @@ class MatrixConfig:
     shard: tuple[int, int] | None = None
     isolate: bool = False
     xdist_worker: bool = False
+    threads: int | None = None
+    """None: :func:`perfkit.machine.default_threads`, judged when the first cell is about to run."""
+    records: list[Record] = field(default_factory=list)
+    """Every record of the session, for the terminal summary."""
+    groups: GroupCache = field(default_factory=GroupCache)
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     costs: dict[str, CellCost] = field(default_factory=dict)
@@ -381,9 +398,21 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"-n {numprocesses}: only {len(gpus)} GPU(s) visible ({', '.join(gpus)}); each "
                                     f"xdist worker owns one GPU, so run at most -n {len(gpus)} (or -n auto)")
 
+    threads = None
+    threads_value = _option(config, "threads")
+    if threads_value:
+        cores = available_cores()
+        try:
+            threads = int(threads_value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise pytest.UsageError(f"--perfkit-threads {threads_value!r}: give a positive integer; this process "
+                                    f"may run on {cores} core(s), so 1..{cores} avoids oversubscription")
+
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
     return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, shard,
-                        isolate, xdist_worker=hasattr(config, "workerinput"))
+                        isolate, xdist_worker=hasattr(config, "workerinput"), threads=threads)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -515,6 +544,7 @@ def file_record(matrix: MatrixConfig, benchmark, record: Record) -> Record:
     record.shard = f"{matrix.shard[0]}/{matrix.shard[1]}" if matrix.shard else None
     benchmark.extra_info.update(record.to_dict())
     append_jsonl(matrix.jsonl, record)
+    matrix.records.append(record)
     if record.status == "skipped":
         matrix.skipped.append(record.to_dict())
         pytest.skip(record.reason)
@@ -531,6 +561,8 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
 
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
+        if matrix.threads is None:
+            matrix.threads = default_threads()
         if matrix.isolate:
             if matrix.block_process is None:
                 matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy)
@@ -538,7 +570,8 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
             store_rounds(benchmark, record.times_s)
         else:
             record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
-                                  policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark))
+                                  policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark),
+                                  groups=matrix.groups, threads=matrix.threads)
         return file_record(matrix, benchmark, record)
 
     return measure
@@ -596,3 +629,45 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                                                       machine_info=bench.get_machine_info(), commit_info=commit_info)
     hook.pytest_benchmark_update_json(config=session.config, benchmarks=[], output_json=output_json)
     bench.save_json(output_json)
+def run_summary(records: list[Record]) -> list[str]:
+    """Lines for the end of a run: contended cells, the largest ranked speedup, where the wall time went."""
+    timed = [r for r in records if r.status == "ok" and r.kind != "kernel"]
+    if not timed:
+        return []
+    contended = [r for r in timed if r.contended]
+    lines = [f"perfkit: {len(timed)} cells timed, {len(contended)} contended (other processes took the cores "
+             "they ran on: kept, never ranked)"]
+    for r in contended:
+        load = r.machine_load or {}
+        lines.append(f"  contended: {r.block}-{r.variant}-{r.mode}-b{r.batch}: {load.get('contended_reason')}")
+    every = [r for r in timed if r.speedup_vs_eager is not None]
+    if every:
+        top = max(every, key=lambda r: r.speedup_vs_eager)
+        lines.append(f"perfkit: largest speedup of any cell, contended or not: {top.speedup_vs_eager:.2f}x "
+                     f"[{top.speedup_ci_low:.2f}, {top.speedup_ci_high:.2f}] ({top.block} {top.variant} {top.mode} "
+                     f"b{top.batch})")
+    paired = [r for r in every if not r.contended]
+    if paired:
+        best = max(paired, key=lambda r: r.speedup_vs_eager)
+        lines.append(f"perfkit: largest ranked speedup {best.speedup_vs_eager:.2f}x "
+                     f"[{best.speedup_ci_low:.2f}, {best.speedup_ci_high:.2f}] ({best.block} {best.variant} "
+                     f"{best.mode} b{best.batch}, interleaved with eager)")
+    split: dict[str, float] = {}
+    for r in records:
+        for stage, seconds in (r.wall_split_s or {}).items():
+            split[stage] = split.get(stage, 0.0) + seconds
+    total = sum(split.values())
+    if total > 0:
+        parts = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in
+                          sorted(split.items(), key=lambda item: -item[1]))
+        timed_share = split.get("timed rounds", 0.0) / total
+        lines.append(f"perfkit: wall time of the cells {total:.1f} s, {timed_share:.0%} of it timed rounds: {parts}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    matrix = config.stash.get(_STATE, None)
+    if matrix is None:
+        return
+    for line in run_summary(matrix.records):
+        terminalreporter.write_line(line)

@@ -49,6 +49,28 @@ class Record:
     """Half-width of the distribution-free 95% confidence interval of the median, over the median."""
     noise_bound_rel: float | None = None
     """The bound on step_time_ci_rel the rounds aimed for; a cell that ended above it is ``noisy``."""
+    step_time_repeat_rel: float | None = None
+    """Half-width over the median of the interval a fresh repeat's median should fall in (~95%):
+    step_time_ci_rel is within-run only; this adds the drift across the run and a calibrated floor."""
+    timing_stop: str | None = None
+    """Why the timed rounds ended: target met, a cap, or stopped early because the target was out of reach."""
+    speedup_vs_eager: float | None = None
+    """Eager's step time over this variant's, from rounds interleaved in this cell: the median over pairs of
+    the ratio within each pair (robust to load that changes between rounds; perfkit.measure.paired_ratio_ci)."""
+    speedup_ci_low: float | None = None
+    """2.5% bound of speedup_vs_eager, bootstrapped over whole pairs of rounds."""
+    speedup_ci_high: float | None = None
+    eager_times_s: list[float] | None = None
+    """Eager's rounds, each run just before the variant's round of the same index."""
+    contended: bool | None = None
+    """Other processes took the cores (or GPU) this cell ran on: its figures are kept, never ranked."""
+    machine_load: dict[str, Any] | None = None
+    """What the machine was doing from warm-up to the last round (perfkit.machine): load average and runnable tasks
+    before and after, other processes' busy cores, process CPU time and wall time, threads, affinity."""
+    threads: int | None = None
+    """torch's intra-op threads the cell ran with."""
+    wall_split_s: dict[str, float] | None = None
+    """Wall time of the cell per stage (reference, compile, gate, warm-up, memory, timed rounds, ...)."""
     timer: str | None = None
     """How a round was timed (the clock, and that it synchronizes the device)."""
     warmup_steps: int | None = None
@@ -100,6 +122,9 @@ class Record:
     """``none`` (one pytest process) or ``process`` (a fresh process per block, ``--perfkit-isolate``)."""
     shard: str | None = None
     """``K/N`` when the run was one shard of the matrix (``--perfkit-shard``)."""
+    eager_rel_error: float | None = None
+    """Eager float32's output error against float64 in this group: the calibrated gate's yardstick."""
+    eager_grad_rel_error: float | None = None
     schema: str = SCHEMA
 
     def __post_init__(self) -> None:

@@ -480,10 +480,12 @@ def best_variants(frame: pd.DataFrame) -> pd.DataFrame:
 
     Among the cells whose speedup interval lies wholly above 1.0, those whose interval reaches the fastest
     one's lower bound are within noise of it; of these the simplest (fewest atoms) wins, then the faster.
-    Failed, OOM, erroring and skipped cells never qualify, however fast they ran. Where no variant beats
-    eager beyond noise, the row is eager's.
+    Failed, OOM, erroring and skipped cells never qualify, however fast they ran; nor do ``contended`` ones.
+    Where no variant beats eager beyond noise, the row is eager's.
     """
     ok = frame[(frame["status"] == "ok") & frame["speedup_vs_eager"].notna()]
+    if "contended" in ok:
+        ok = ok[ok["contended"] != True]  # noqa: E712 (None, from records before the flag, is not contended)
     if ok.empty:
         return ok
     chosen = []

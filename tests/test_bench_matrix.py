@@ -167,6 +167,8 @@ def test_environment_selects_and_names_are_canonical(monkeypatch):
     ({"profile": "medium"}, "valid profiles: quick, full"),
     ({"batches": "0"}, "give positive integers"),
     ({"kernels": "wrc"}, "valid kernels: wrc_epilogue, dense_bn_relu (or none)"),
+    ({"threads": "0"}, "--perfkit-threads '0': give a positive integer"),
+    ({"threads": "many"}, "so 1.."),
 ])
 def test_bad_options_are_usage_errors(monkeypatch, option, message):
     for name in ("PERFKIT_BLOCKS", "PERFKIT_VARIANTS", "PERFKIT_MODES", "PERFKIT_PROFILE", "PERFKIT_BATCHES"):
