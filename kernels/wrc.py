@@ -42,6 +42,7 @@ one more activation; ``s`` is also what dbeta needs), the per-channel ``mean`` a
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -489,7 +490,8 @@ def _check_inputs(y: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, bias: 
     for name, t in named.items():
         if t is not None and t.device != y.device:
             raise ValueError(f"{name} is on {t.device} but y is on {y.device}: every tensor must be on one device")
-    if y.device.type == "cpu" and not _library.INTERPRETED:
+    # Fake tensors (the memory model, torch.compile's tracing) run the ops' fake implementations: no launch.
+    if y.device.type == "cpu" and not _library.INTERPRETED and not is_fake(y):
         raise RuntimeError("the Triton kernels got CPU tensors: run on a GPU, or set TRITON_INTERPRET=1 before "
                            "importing perfkit.kernels.wrc to run them in Triton's (slow) CPU interpreter")
     for name, t in (("y", y), ("s", s)):
