@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from perfkit.record import Record, read_jsonl
 
@@ -184,3 +185,16 @@ def test_a_bad_option_stops_pytest_with_the_valid_names():
     result = _pytest("--collect-only", "-q", "--perfkit-blocks=nope")
     assert result.returncode == 4, result.stdout + result.stderr
     assert "'nope' matches no registered block or network; valid names: alexnet, basic" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device where every selected cell is skipped (no fp16)")
+def test_a_run_with_no_timed_cell_still_writes_its_json(tmp_path):
+    """pytest-benchmark writes nothing when no benchmark ran; the plugin writes the JSON with the cells listed."""
+    out = tmp_path / "bench.json"
+    result = _pytest("-q", "benchmarks/test_matrix.py", "--perfkit-blocks=basic", "--perfkit-variants=fp16",
+                     "--perfkit-modes=inference", f"--perfkit-jsonl={tmp_path / 'r.jsonl'}", f"--benchmark-json={out}")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmarks"] == [] and data["machine_info"]["perfkit_device"]["type"] == "cpu"
+    assert [c["variant"] for c in data["perfkit_skipped_cells"]] == ["fp16"]
+    assert "fp16 needs a CUDA GPU" in data["perfkit_skipped_cells"][0]["reason"]
