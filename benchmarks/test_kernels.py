@@ -30,14 +30,22 @@ import torch
 import torch.nn.functional as F
 
 from perfkit.device import device_identity
+from perfkit.machine import LoadMonitor
 from perfkit.measure import (
     BenchmarkRounds,
+    PairRunner,
+    Stages,
     TimingPolicy,
+    adaptive_pairs,
     adaptive_rounds,
     error_message,
     is_oom,
     median_ci_rel,
+    paired_ratio_ci,
+    paired_rounds,
     quantile,
+    repeat_interval_rel,
+    stop_reason,
     synchronizer,
     warm_up,
 )
@@ -177,30 +185,65 @@ def event_rounds(step: Callable[[], None], cache: torch.Tensor) -> Callable[[Cal
     return run
 
 
+def event_pairs(step: Callable[[], None], baseline: Callable[[], None], cache: torch.Tensor) -> PairRunner:
+    """A pair runner for the GPU: each pair times ``baseline`` then ``step`` with CUDA events, the L2 flushed
+    before each of the two (as :func:`event_rounds`)."""
+
+    def run(n: int) -> tuple[list[float], list[float]]:
+        events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(n)]
+        for base_start, base_end, start, end in events:
+            cache.zero_()
+            base_start.record()
+            baseline()
+            base_end.record()
+            cache.zero_()
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        return ([e[2].elapsed_time(e[3]) / 1e3 for e in events], [e[0].elapsed_time(e[1]) / 1e3 for e in events])
+
+    return run
+
+
 def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str, device: torch.device,
-                   policy: TimingPolicy, benchmark) -> Record:
-    """Gate and time one kernel cell; a failure becomes the record's status."""
+                   policy: TimingPolicy, benchmark, threads: int | None = None) -> Record:
+    """Gate and time one kernel cell; a failure becomes the record's status.
+
+    A variant other than eager is timed interleaved with the eager expression on its own copy of the inputs,
+    pair by pair (``speedup_vs_eager`` is the median of the pairs' ratios), as the matrix's cells are.
+    ``threads`` sets torch's intra-op threads for the cell; the machine's load over the timed rounds is
+    recorded, and a cell that other processes crowded is flagged ``contended``.
+    """
     torch_dtype = getattr(torch, dtype)
     training = mode == "training"
     shape = SHAPES[kernel]["cuda" if device.type == "cuda" else "cpu"]
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     base = dict(block=kernel, variant=variant, mode=mode, dtype=dtype, batch=shape[0], kind="kernel",
-                input_shape=list(shape), device=device_identity(device), tolerance=REL_TOLERANCE[dtype])
+                input_shape=list(shape), device=device_identity(device), tolerance=REL_TOLERANCE[dtype],
+                threads=torch.get_num_threads())
     reason = parse_variant(variant).skip_reason(device)
     if reason:
+        torch.set_num_threads(previous_threads)
         return Record(status="skipped", reason=reason, **base)
     result: dict = {}
-    stage = "setup"
+    progress: dict = {}
+    stages = Stages(progress)
     try:
+        stages.enter("build", "setup")
         case = make_case(kernel, torch_dtype, layout, training, device)
         grad_out = (torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device, torch_dtype)
                     if training else None)
         result["bytes_per_step"] = _bytes_per_step(kernel, case.args[0], training)
 
-        stage = "float64 reference"
+        stages.enter("float64 reference")
         ref_out, ref_grads = _run(_wrc_expression if kernel == "wrc_epilogue" else _bn_relu_expression,
                                   case.clone(torch.float64), None if grad_out is None else grad_out.double())
 
-        stage = "first call (compile)" if variant == "compile" else "first call"
+        stages.enter("compile" if variant == "compile" else "first call",
+                     "first call (compile)" if variant == "compile" else "first call")
         fn = _implementation(kernel, variant)
         sync = synchronizer(device)
         start = time.perf_counter()
@@ -209,14 +252,14 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
         if variant == "compile":
             result["compile_time_s"] = time.perf_counter() - start
 
-        stage = "correctness gate"
+        stages.enter("correctness gate")
         errors = [relative_error(out, ref_out)] + [relative_error(g, r) for g, r in zip(grads, ref_grads, strict=True)]
         result["rel_error"] = max(errors)
         if result["rel_error"] > base["tolerance"]:
-            return Record(status="failed", **base, **result, reason=(
+            return Record(status="failed", **base, **result, wall_split_s=stages.close(), reason=(
                 f"relative error {result['rel_error']:.3e} > {base['tolerance']:.1e} ({dtype}) against float64"))
         if variant == "triton" and triton_interpreted(device):
-            return Record(status="skipped", **base, **result, reason=(
+            return Record(status="skipped", **base, **result, wall_split_s=stages.close(), reason=(
                 f"correctness checked (relative error {result['rel_error']:.2e}); not timed: TRITON_INTERPRET=1 "
                 "runs the kernels in the interpreter"))
 
@@ -227,14 +270,32 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
             step()
             sync()
 
-        stage = "warm-up"
+        eager_fn = _implementation(kernel, "eager") if variant != "eager" else None
+        eager_case = case.clone() if eager_fn is not None else None
+
+        def eager_step() -> None:
+            _run(eager_fn, eager_case, grad_out)
+
+        def synced_eager_step() -> None:
+            eager_step()
+            sync()
+
+        stages.enter("warm-up")
+        monitor = LoadMonitor(device)
+        monitor.start()
         steps, seconds = warm_up(synced_step, policy)
+        if eager_fn is not None:
+            warm_up(synced_eager_step, policy)
         result.update(warmup_steps=steps, warmup_time_s=seconds)
 
-        stage = "timing"
+        stages.enter("timing")
+        eager_times: list[float] = []
         cache = _flush_buffer(device)
         if cache is not None:
-            times = adaptive_rounds(step, policy, event_rounds(step, cache))
+            if eager_fn is not None:
+                times, eager_times = adaptive_pairs(event_pairs(step, eager_step, cache), policy)
+            else:
+                times = adaptive_rounds(step, policy, event_rounds(step, cache))
             result["timer"] = "CUDA events around each round, 256 MiB zeroed before it (L2 flush)"
 
             def flush() -> None:
@@ -244,8 +305,12 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
             # pytest-benchmark's host-clock series of the same kernel (see the module docstring).
             BenchmarkRounds(benchmark, setup=flush)(synced_step, min(len(times), 100))
         else:
-            times = adaptive_rounds(synced_step, policy, BenchmarkRounds(benchmark))
+            if eager_fn is not None:
+                times, eager_times = paired_rounds(synced_step, synced_eager_step, policy, BenchmarkRounds(benchmark))
+            else:
+                times = adaptive_rounds(synced_step, policy, BenchmarkRounds(benchmark))
             result["timer"] = "time.perf_counter around one call (CPU; no cache flush)"
+        load = monitor.stop(base["threads"])
         median = statistics.median(times)
         ci = median_ci_rel(times)
         result.update(
@@ -253,12 +318,24 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
             step_time_p20_s=quantile(times, 0.2), step_time_p80_s=quantile(times, 0.8),
             step_time_cv=statistics.stdev(times) / statistics.fmean(times) if len(times) > 1 else None,
             step_time_ci_rel=ci if ci != float("inf") else None, noise_bound_rel=policy.target_ci_rel,
+            step_time_repeat_rel=repeat_interval_rel(times),
+            timing_stop=stop_reason(max(ci, median_ci_rel(eager_times) if eager_times else 0.0), len(times),
+                                    sum(times) + sum(eager_times), policy),
             noisy=not ci <= policy.target_ci_rel, samples_per_s=shape[0] / median,
             achieved_gb_per_s=result["bytes_per_step"] / median / 1e9,
+            contended=load.pop("contended"), machine_load=load,
         )
-        return Record(status="ok", **base, **result)
+        if eager_times:
+            ratio, low, high = paired_ratio_ci(eager_times, times)
+            result.update(eager_times_s=eager_times, speedup_vs_eager=ratio, speedup_ci_low=low, speedup_ci_high=high)
+        split = stages.close()
+        split["timing"] -= sum(times) + sum(eager_times)
+        split["timed rounds"] = sum(times) + sum(eager_times)
+        return Record(status="ok", **base, **result, wall_split_s=split)
     except Exception as error:  # every failure of a cell is recorded, the run goes on
-        status, message = ("oom" if is_oom(error) else "error"), f"{stage}: {error_message(error)}"
+        status, message = ("oom" if is_oom(error) else "error"), f"{progress.get('stage')}: {error_message(error)}"
+    finally:
+        torch.set_num_threads(previous_threads)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Record(status=status, reason=message, **base, **result)
@@ -269,5 +346,5 @@ def test_kernel(benchmark, perfkit_matrix, perfkit_file_record, kernel: str, var
     """One kernel cell; its record is pytest-benchmark's extra_info and a line of the JSON-lines file."""
     benchmark.group = f"{kernel}-{mode}-{dtype}-{layout}"
     record = measure_kernel(kernel, variant, mode, dtype, layout, perfkit_matrix.device, perfkit_matrix.profile.policy,
-                            benchmark)
+                            benchmark, threads=perfkit_matrix.cell_threads())
     perfkit_file_record(benchmark, record)

@@ -13,7 +13,9 @@ kernel's own accounting can. Around the timed rounds this module reads:
 - on a GPU, the other processes on the device (NVML, when ``nvidia-ml-py`` is installed).
 
 A cell is ``contended`` when other processes kept busy, on average, more cores than the ones this process
-left free (``cores - threads``) plus :data:`CONTENDED_SPARE_CORES`, or when another process computed on
+left free (``cores - threads``) plus :data:`CONTENDED_SPARE_CORES` (and the counters' tick over the region:
+one per CPU, 2 cores x 10 ms over 0.1 s is 0.2 of a core), when this process got less than
+:data:`MIN_CPU_SHARE` of the cores its threads needed, or when another process computed on
 the same GPU. Such a cell's figures are kept (the record says how busy the machine was) but never ranked.
 """
 
@@ -172,12 +174,15 @@ class LoadMonitor:
         others = None
         if begin.busy_s is not None and end.busy_s is not None and wall > 0:
             # Jiffies tick at 100 Hz: over a region shorter than ~0.5 s this is coarse, which is why the
-            # margin is a quarter of a core and the region spans all of a cell's timed rounds.
+            # region spans all of a cell's warm-up and timed rounds and the margin grows as it shortens.
             others = max(0.0, (end.busy_s - begin.busy_s - own) / wall)
             load["others_busy_cores"] = others
         free = max(0, cores - threads)
         reasons = []
-        if others is not None and others > free + CONTENDED_SPARE_CORES:
+        # Each CPU's busy counter may be off by a tick at either end: over a short region (a kernel cell's
+        # rounds last ~50 ms) that alone reads as a fraction of a core that nobody used.
+        tick_cores = cores / _CLOCK_TICKS / wall if wall > 0 else 0.0
+        if others is not None and others > free + CONTENDED_SPARE_CORES + tick_cores:
             reasons.append(f"other processes kept {others:.2f} of the {cores} cores busy while {threads} "
                            f"thread(s) ran here")
         # On a GPU the host thread may sleep in a synchronization, so its CPU share says nothing there.

@@ -40,11 +40,12 @@ import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from perfkit.device import device_identity
@@ -52,7 +53,8 @@ from perfkit.gpu import DeviceClockRounds
 from perfkit.machine import LoadMonitor
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
-from perfkit.memory_model import MemoryPlan, format_bytes, plan_cell_memory
+from perfkit import memory_model as _memory_model
+from perfkit.memory_model import REFERENCE_HEADROOM, MemoryPlan, format_bytes, plan_cell_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
 from perfkit.testing import (
@@ -98,11 +100,16 @@ class TimingPolicy:
     warmup_steady_rel: float = 0.05
     """Warm-up ends when two consecutive batches' times per step agree within this fraction."""
     warmup_max_s: float = 10.0
+    min_time_s: float = 0.0
+    """Keep timing until the rounds add up to at least this long, even with the target met (nvbench's
+    ``--min-time``, whose default 0.5 s the quick profile takes): a dozen sub-millisecond rounds meet ±2%
+    within one run yet say little about the next."""
 
 
-QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=400, max_time_s=2.0, warmup_batch_s=0.02, warmup_max_s=1.0)
-"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule. The cap on
-the timed rounds covers a variant's and eager's paired rounds together."""
+QUICK_POLICY = TimingPolicy(min_rounds=6, max_rounds=400, max_time_s=2.0, warmup_batch_s=0.02, warmup_max_s=1.0,
+                            min_time_s=0.5)
+"""Sized for the quick profile on a small CPU: a looser time budget, the same stopping rule. The caps and
+``min_time_s`` cover a variant's and eager's paired rounds together."""
 
 
 def synchronizer(device: torch.device | str) -> Callable[[], None]:
@@ -232,10 +239,14 @@ sooner: a dozen rounds on a busy machine overstate the spread."""
 
 def _next_chunk(ci: float, rounds: int, spent_s: float, policy: TimingPolicy) -> int:
     """Rounds to add next, or 0 to stop (target met, a cap reached, or the target out of reach)."""
-    if ci <= policy.target_ci_rel or rounds >= policy.max_rounds or spent_s >= policy.max_time_s:
+    if rounds >= policy.max_rounds or spent_s >= policy.max_time_s:
         return 0
     per_round = spent_s / rounds
     room = min(policy.max_rounds - rounds, int((policy.max_time_s - spent_s) / per_round))
+    if ci <= policy.target_ci_rel:
+        if spent_s >= policy.min_time_s:
+            return 0
+        return max(0, min(room, math.ceil((policy.min_time_s - spent_s) / per_round)))
     if rounds >= 2 * policy.min_rounds and spent_s >= policy.max_time_s / 2 and math.isfinite(ci):
         needed = rounds * (ci / policy.target_ci_rel) ** 2
         if needed > UNREACHABLE_FACTOR * min(policy.max_rounds, policy.max_time_s / per_round):
@@ -278,17 +289,33 @@ def paired_rounds(step: Callable[[], None], baseline_step: Callable[[], None], p
     hits both members of a pair. Chunks grow as in :func:`adaptive_rounds` until both medians' CIs are
     within target, or the rounds of both together reach a cap.
     """
-    baseline: list[float] = []
+    def run_pairs(n: int) -> tuple[list[float], list[float]]:
+        baseline: list[float] = []
 
-    def timed_baseline() -> None:
-        start = time.perf_counter()
-        baseline_step()
-        baseline.append(time.perf_counter() - start)
+        def timed_baseline() -> None:
+            start = time.perf_counter()
+            baseline_step()
+            baseline.append(time.perf_counter() - start)
 
+        return run(step, n, timed_baseline), baseline
+
+    return adaptive_pairs(run_pairs, policy)
+
+
+PairRunner = Callable[[int], tuple[list[float], list[float]]]
+"""``run_pairs(n)`` runs ``n`` pairs (a baseline round, then the step's) and returns (step's times, baseline's)."""
+
+
+def adaptive_pairs(run_pairs: PairRunner, policy: TimingPolicy) -> tuple[list[float], list[float]]:
+    """Pairs in growing chunks, as :func:`adaptive_rounds`, until both medians' CIs are within target or the
+    rounds of both together reach a cap; returns (step's times, baseline's times), pair ``i`` back to back."""
     times: list[float] = []
+    baseline: list[float] = []
     chunk = policy.min_rounds
     while chunk > 0:
-        times += run(step, chunk, timed_baseline)
+        step_times, baseline_times = run_pairs(chunk)
+        times += step_times
+        baseline += baseline_times
         ci = max(median_ci_rel(times), median_ci_rel(baseline))
         chunk = _next_chunk(ci, len(times), sum(times) + sum(baseline), policy)
     return times, baseline
@@ -403,19 +430,50 @@ def step_memory(prepared: Prepared, step: Callable[[], None], device: torch.devi
     return before + rise, rise, CPU_MEMORY_METHOD
 
 
-def step_flops(entry: Entry, batch: int, bench_shape: bool, mode: str, input_requires_grad: bool) -> int:
-    """FLOPs of one eager step (forward; in training also the loss and backward), counted on meta tensors.
+@dataclass(frozen=True)
+class StepCounts:
+    """What one eager float32 step does, counted on meta tensors (the same on every machine)."""
 
-    The count matches the timed step: the input's gradient is computed only for blocks (as inside a
-    network), and the loss is the step's own. The counter counts a multiply-add as two FLOPs.
-    """
+    flops: int
+    """Multiply-adds count as two."""
+    allocated_bytes: int
+    """Every tensor the step's ops created (views and in-place results excluded), freed or not."""
+    state_bytes: int
+    """Parameters three times (themselves, their gradients, SGD's momentum), buffers and the input."""
+
+    @property
+    def bound_bytes(self) -> int:
+        """An upper bound of the step's peak: nothing live at any moment was not allocated or held."""
+        return self.allocated_bytes + self.state_bytes
+
+
+class _AllocationCounter(TorchDispatchMode):
+    """Adds up the bytes of every fresh tensor an op returns; a view's or an in-place op's result aliases an
+    input (its schema says so) and allocates nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for ret, result in zip(returns, results):
+            if ret.alias_info is None and isinstance(result, torch.Tensor):
+                self.bytes += result.numel() * result.element_size()
+        return out
+
+
+def _count_step(entry: Entry, batch: int, bench_shape: bool, mode: str, input_requires_grad: bool) -> StepCounts:
     training = mode == "training"
     with torch.device("meta"):
         module = entry.create()
     module.train(training)
     shape = entry.bench_shape if bench_shape else entry.test_shape
     x = torch.empty((batch, *shape), device="meta", requires_grad=training and input_requires_grad)
-    with FlopCounterMode(display=False) as counter:
+    allocations = _AllocationCounter()
+    with FlopCounterMode(display=False) as counter, allocations:
         if training:
             out = module(x)
             target = (torch.zeros(out.shape[0], dtype=torch.int64, device="meta") if out.dim() == 2
@@ -424,7 +482,34 @@ def step_flops(entry: Entry, batch: int, bench_shape: bool, mode: str, input_req
         else:
             with torch.no_grad():
                 module(x)
-    return int(counter.get_total_flops())
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    state = 3 * nbytes(module.parameters()) + nbytes(module.buffers()) + nbytes([x])
+    return StepCounts(int(counter.get_total_flops()), allocations.bytes, state)
+
+
+def step_counts(entry: Entry, batch: int, bench_shape: bool, mode: str, input_requires_grad: bool) -> StepCounts:
+    """FLOPs and an upper bound of the memory of one eager step (forward; in training also the loss and
+    backward), from one pass on meta tensors, once per group's parameters.
+
+    The count matches the timed step: the input's gradient is computed only for blocks (as inside a
+    network), and the loss is the step's own. The counter counts a multiply-add as two FLOPs.
+    """
+    key = (entry.name, entry.factory, repr(entry.kwargs), entry.bench_shape, entry.test_shape, batch, bench_shape,
+           mode, input_requires_grad)
+    if key not in _STEP_COUNTS:
+        if len(_STEP_COUNTS) >= 512:
+            _STEP_COUNTS.clear()
+        _STEP_COUNTS[key] = _count_step(entry, batch, bench_shape, mode, input_requires_grad)
+    return _STEP_COUNTS[key]
+
+
+_STEP_COUNTS: dict[tuple, StepCounts] = {}
+"""Counts by everything they depend on: the variants of a group, and its memory plan, count once."""
+
+
+def step_flops(entry: Entry, batch: int, bench_shape: bool, mode: str, input_requires_grad: bool) -> int:
+    """FLOPs of one eager step (:func:`step_counts`)."""
+    return step_counts(entry, batch, bench_shape, mode, input_requires_grad).flops
 
 
 def is_oom(error: BaseException) -> bool:
@@ -496,7 +581,7 @@ class GroupCache:
         self._entry = None
 
 
-class _Stages:
+class Stages:
     """Wall time per stage of a cell (``wall_split_s``), and the stage a failure is reported in."""
 
     def __init__(self, progress: dict[str, Any]) -> None:
@@ -522,13 +607,14 @@ class _Stages:
 def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, device: torch.device | str, *,
                  bench_shape: bool, seed: int = 0, policy: TimingPolicy | None = None,
                  run_rounds: RoundRunner = clock_rounds, flops: bool = True, paired: bool | None = None,
-                 groups: GroupCache | None = None, threads: int | None = None) -> Record:
+                 groups: GroupCache | None = None, threads: int | None = None, memory_model: str = "auto") -> Record:
     """Gate, warm up, measure memory, time and count one cell; every failure becomes the record's status.
 
     ``run_rounds`` runs the timed rounds (the benchmark passes one that records them in pytest-benchmark).
     ``paired`` interleaves the variant's rounds with eager's (default: every variant but eager itself);
     ``groups`` shares the float64 reference and the warm eager cell between the cells of a group (default:
-    nothing shared); ``threads`` sets torch's intra-op threads for the cell (default: as they are).
+    nothing shared); ``threads`` sets torch's intra-op threads for the cell (default: as they are);
+    ``memory_model`` says when the memory model predicts the cell (:data:`MEMORY_MODELS`).
     Raises only for a bad argument (unknown block, variant or mode), never for a cell that fails.
     """
     entry = get_entry(name)
@@ -537,6 +623,8 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads}")
+    if memory_model not in MEMORY_MODELS:
+        raise ValueError(f"unknown memory_model {memory_model!r}; valid: {', '.join(MEMORY_MODELS)}")
     device = torch.device(device)
     if device.type == "cuda" and not isinstance(run_rounds, DeviceClockRounds):
         run_rounds = DeviceClockRounds(run_rounds, device)  # issue 14: the device clock beside the host's
@@ -553,7 +641,8 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
     try:
         return _run_cell(entry, variant, mode, batch, device, bench_shape, seed, policy or TimingPolicy(),
                          run_rounds, flops, tol_dtype, base, progress,
-                         paired if paired is not None else variant.name != "eager", groups or GroupCache())
+                         paired if paired is not None else variant.name != "eager", groups or GroupCache(),
+                         memory_model)
     except Exception as error:  # every failure of a cell is recorded, the matrix goes on
         status = "oom" if is_oom(error) else "error"
         reason = f"{progress['stage']}: {error_message(error)}"
@@ -568,10 +657,34 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
     return Record(status=status, reason=reason, **base, **progress["result"])
 
 
+MEMORY_MODELS = ("auto", "exact")
+"""``exact``: the memory model predicts every cell. ``auto``: on a GPU, likewise; elsewhere only where
+:func:`step_counts`'s bound does not clearly fit (:data:`BOUND_MARGIN`)."""
+
+BOUND_MARGIN = 4
+"""The variant's step (autocast's copies of weights and activations bounded by the float32 step) and the
+float64 reference (every floating tensor twice its float32 size) each stay within twice the eager float32
+step's allocation bound; where four times it fits in the reference's share of free memory, neither can run
+out, and the exact prediction (0.1-0.9 s a cell on a 2-core CPU) would decide nothing."""
+
+
 def _plan(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
-          seed: int, result: dict[str, Any]) -> MemoryPlan | None:
+          seed: int, result: dict[str, Any], memory_model: str = "auto") -> MemoryPlan | None:
     """The cell's memory plan, its prediction filed in ``result``; None (with the reason filed) where the
-    memory model cannot run this cell: the cell then runs as it would without a plan."""
+    memory model is not needed (``memory_model`` ``auto`` off a GPU, with memory to spare) or cannot run this
+    cell: the cell then runs as it would without a plan."""
+    if memory_model == "auto" and device.type != "cuda":
+        try:
+            bound = step_counts(entry, batch, bench_shape, mode, entry.kind == "block").bound_bytes
+        except Exception:  # the meta pass failed; the memory model below says why (or the cell will)
+            bound = None
+        free = _memory_model.free_memory_bytes(device)
+        if bound is not None and (free is None or BOUND_MARGIN * bound <= REFERENCE_HEADROOM * free):
+            result["predicted_memory"] = {
+                "method": "bound", "bound_bytes": bound, "free_bytes": free,
+                "notes": [f"not predicted: {BOUND_MARGIN} x the eager step's allocation bound "
+                          f"({format_bytes(bound)}) fits in free memory; --perfkit-memory-model exact predicts it"]}
+            return None
     try:
         plan = plan_cell_memory(entry.name, variant, mode, batch, bench_shape=bench_shape, device=device, seed=seed)
     except Exception as error:  # a fake-tensor gap must not cost the cell its measurement
@@ -605,8 +718,15 @@ def _first_call(prepared: Prepared, mode: str, seed: int, sync: Callable[[], Non
     return out, grads, time.perf_counter() - start
 
 
+def _inductor_cache_misses() -> int:
+    """Graphs inductor compiled so far in this process (FX graph cache misses; bypasses count as misses)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_bypass"]
+
+
 def _group_state(entry: Entry, mode: str, batch: int, device: torch.device, bench_shape: bool, seed: int,
-                 input_requires_grad: bool, tol_dtype: str, stages: _Stages, gate_batch: int) -> GroupState:
+                 input_requires_grad: bool, tol_dtype: str, stages: Stages, gate_batch: int) -> GroupState:
     """Build the float64 reference (on the first ``gate_batch`` samples) and the eager cell of a group, and
     gate eager against its own bound."""
     stages.enter("float64 reference")
@@ -651,14 +771,15 @@ def eager_gate(name: str, mode: str, batch: int, device: torch.device | str = "c
     entry = get_entry(name)
     device = torch.device(device)
     return _group_state(entry, mode, batch, device, bench_shape, seed, entry.kind == "block",
-                        tolerance_dtype(EAGER, device), _Stages({}), batch)
+                        tolerance_dtype(EAGER, device), Stages({}), batch)
 
 
 def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: torch.device, bench_shape: bool,
               seed: int, policy: TimingPolicy, run_rounds: RoundRunner, flops: bool, tol_dtype: str,
-              base: dict[str, Any], progress: dict[str, Any], paired: bool, groups: GroupCache) -> Record:
+              base: dict[str, Any], progress: dict[str, Any], paired: bool, groups: GroupCache,
+              memory_model: str) -> Record:
     result = progress["result"]
-    stages = _Stages(progress)
+    stages = Stages(progress)
     stages.enter("build")
     # The skip check and the memory plan come before anything is allocated on the device.
     with torch.device("meta"):
@@ -667,7 +788,7 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     if reason:
         return Record(status="skipped", reason=reason, **base)
     stages.enter("memory prediction")
-    plan = _plan(entry, variant, mode, batch, device, bench_shape, seed, result)
+    plan = _plan(entry, variant, mode, batch, device, bench_shape, seed, result, memory_model)
     gate_batch = plan.gate_batch if plan is not None else batch
     result["gate_batch"] = gate_batch
     if plan is not None and not plan.variant_fits:
@@ -717,15 +838,19 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     else:
         stages.enter("variant")
         if variant.compile_mode is not None:
-            # A fresh compile per cell: dynamo's caches are keyed on code, and a cell must not reuse (or
-            # exhaust the recompile limit with) another cell's graphs.
+            # A fresh trace per cell: kept, dynamo's cache would compile a second batch size with a dynamic
+            # batch dimension (automatic dynamic shapes: other kernels than a static compile's) and count
+            # every cell against its recompile limit. Inductor's on-disk cache outlives the reset, so what a
+            # reset costs is dynamo's trace, not code generation (``compile_cache`` says which it was).
             torch._dynamo.reset()
         prepared = variant.apply(model, x, mode, input_requires_grad=input_requires_grad, seed=seed)
         stages.enter("compile" if variant.compile_mode is not None else "first call",
                      "first call (compile)" if variant.compile_mode is not None else "first call")
+        misses = _inductor_cache_misses()
         out, grads, first_call_s = _first_call(prepared, mode, seed, sync, group.gate_batch)
         if variant.compile_mode is not None:
             result["compile_time_s"] = first_call_s
+            result["compile_cache"] = "cold" if _inductor_cache_misses() > misses else "warm"
         stages.enter("correctness gate")
         out_error = relative_error(out.float(), group.ref_out)
         grad_error = relative_error(_flat(grads), group.ref_grad) if group.ref_grad is not None else None
@@ -772,8 +897,13 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     monitor.start()
     warmup_steps, warmup_s = warm_up(timed_step, policy)
     if baseline is not None:
-        # Warm once per group: after an earlier cell warmed it, eager gets a few batches to refill its caches.
-        warm_up(eager_step, replace(policy, warmup_max_s=policy.warmup_batch_s * 3) if group.eager_warm else policy)
+        # Warm once per group. After an earlier cell warmed it, one step refills the allocator's cache: in
+        # interleaved rounds every eager round follows a round of the variant, so the caches eager finds then,
+        # not the ones a longer warm-up would leave, are the state its timed rounds see.
+        if group.eager_warm:
+            eager_step()
+        else:
+            warm_up(eager_step, policy)
         group.eager_warm = True
     if prepared is group.eager:
         group.eager_warm = True
@@ -823,7 +953,7 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
     if flops:
         stages.enter("flop count")
         if group.flops is None:
-            group.flops = step_flops(entry, batch, bench_shape, mode, input_requires_grad)
+            group.flops = step_counts(entry, batch, bench_shape, mode, input_requires_grad).flops
         result["flops_per_step"] = group.flops
         if median > 0:
             result["tflops_per_s"] = result["flops_per_step"] / median / 1e12

@@ -29,6 +29,10 @@ option                      environment          meaning
 ``--perfkit-threads``       ``PERFKIT_THREADS``  torch's intra-op threads per cell (default: torch's
                                                  default, at most the cores that other processes did not
                                                  keep busy over 0.5 s at the start of the run)
+``--perfkit-memory-model``  (below)              ``auto`` (the memory model predicts a cell on a GPU, and
+                                                 elsewhere only where memory is tight) or ``exact`` (every
+                                                 cell, so the report compares prediction and measurement);
+                                                 env ``PERFKIT_MEMORY_MODEL``
 ==========================  ===================  ==========================================================
 
 A profile with a time limit (``gpu-smoke``) and a shard print the plan (every cell's estimated cost, the
@@ -79,7 +83,7 @@ import torch
 import perfkit
 from perfkit.device import default_device, device_identity
 from perfkit.machine import available_cores, default_threads
-from perfkit.measure import QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
+from perfkit.measure import MEMORY_MODELS, QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
 from perfkit.plan import (
     CEILINGS_S,
     OTHER_TEST_S,
@@ -122,7 +126,7 @@ class Profile:
 
 
 PROFILES = {
-    # About 3-5 minutes on 2 CPU cores: small shapes, a few entries, the variants a CPU runs; one first
+    # About a minute on 2 CPU cores: small shapes, a few entries, the variants a CPU runs; one first
     # compile (~25 s each mode) on the smallest block only.
     "quick": Profile(
         blocks=("basic", "bottleneck", "wrc", "dense_plain", "inception", "d2l_resnet18"),
@@ -132,10 +136,11 @@ PROFILES = {
         network_batches=(8,),
         bench_shape=False,
         policy=QUICK_POLICY,
-        # The hand-written kernels inside a compiled block (perfkit::wrc_* ops, opaque to dynamo): on the CPU
-        # only gate-checked, under TRITON_INTERPRET=1 (make bench sets it where there is no GPU).
-        extra_cells=(("basic", "compile"), ("wrc", "triton+compile"), ("wrc", "channels_last+triton+compile"),
-                     ("wrc", "channels_last+bf16+triton+compile")),
+        # The fused kernel inside a block: on the CPU only gate-checked, under TRITON_INTERPRET=1 (make bench
+        # sets it where there is no GPU). Not dense_plain's (the interpreter takes 87 s over its two modes),
+        # nor the compiled compositions (0.2-0.7 s of compile each): tests/test_fused_ops.py gates those,
+        # the GPU profiles time them.
+        extra_cells=(("basic", "compile"), ("wrc", "triton")),
         # A first compile of each kernel expression would cost ~25 s apiece here; the GPU profile has them.
         kernel_variants=("eager", "triton"),
     ),
@@ -195,6 +200,7 @@ OPTIONS = {
     "shard": "PERFKIT_SHARD",
     "import": "PERFKIT_IMPORT",
     "threads": "PERFKIT_THREADS",
+    "memory_model": "PERFKIT_MEMORY_MODEL",
 }
 ISOLATE_ENV = "PERFKIT_ISOLATE"
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
@@ -218,9 +224,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "import": "comma-separated modules to import first; their @perfkit.register calls add blocks",
         "threads": f"torch intra-op threads per cell, 1..{available_cores()} (default: torch's default, at most "
                    "the cores not kept busy by other processes at the start of the run)",
+        "memory_model": f"when the memory model predicts a cell: {', '.join(MEMORY_MODELS)} (default: auto, "
+                        "every cell on a GPU, elsewhere only where memory is tight)",
     }
     for name, env in OPTIONS.items():
-        group.addoption(f"--perfkit-{name}", dest=f"perfkit_{name}", default=None,
+        group.addoption(f"--perfkit-{name.replace('_', '-')}", dest=f"perfkit_{name}", default=None,
                         help=f"{helps[name]}; env {env}")
     group.addoption("--perfkit-isolate", dest="perfkit_isolate", action="store_true", default=None,
                     help=f"measure each block's cells in a fresh process; env {ISOLATE_ENV}=1")
@@ -256,6 +264,7 @@ class MatrixConfig:
     xdist_worker: bool = False
     threads: int | None = None
     """None: :func:`perfkit.machine.default_threads`, judged when the first cell is about to run."""
+    memory_model: str = "auto"
     records: list[Record] = field(default_factory=list)
     """Every record of the session, for the terminal summary."""
     groups: GroupCache = field(default_factory=GroupCache)
@@ -271,6 +280,13 @@ class MatrixConfig:
     def shows_plan(self) -> bool:
         """Whether the plan and the progress lines are printed: a profile with a time limit, or a shard."""
         return self.profile.time_limit_s is not None or self.shard is not None
+
+    def cell_threads(self) -> int:
+        """The intra-op threads every cell runs with: ``--perfkit-threads``, else judged once, before the
+        first cell (:func:`perfkit.machine.default_threads`)."""
+        if self.threads is None:
+            self.threads = default_threads()
+        return self.threads
 
     def isolation(self, kind: str) -> str:
         """How a cell of ``kind`` was isolated: ``process``, ``worker`` (an xdist worker) or ``none``."""
@@ -410,9 +426,15 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-threads {threads_value!r}: give a positive integer; this process "
                                     f"may run on {cores} core(s), so 1..{cores} avoids oversubscription")
 
+    memory_model = _option(config, "memory_model") or "auto"
+    if memory_model not in MEMORY_MODELS:
+        raise pytest.UsageError(f"--perfkit-memory-model {memory_model!r}: valid choices are "
+                                f"{', '.join(MEMORY_MODELS)}")
+
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
     return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, shard,
-                        isolate, xdist_worker=hasattr(config, "workerinput"), threads=threads)
+                        isolate, xdist_worker=hasattr(config, "workerinput"), threads=threads,
+                        memory_model=memory_model)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -561,17 +583,17 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
 
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
-        if matrix.threads is None:
-            matrix.threads = default_threads()
+        matrix.cell_threads()
         if matrix.isolate:
             if matrix.block_process is None:
-                matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy)
+                matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy,
+                                                    threads=matrix.threads, memory_model=matrix.memory_model)
             record = matrix.block_process.measure(block, variant, mode, batch)
             store_rounds(benchmark, record.times_s)
         else:
             record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
                                   policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark),
-                                  groups=matrix.groups, threads=matrix.threads)
+                                  groups=matrix.groups, threads=matrix.threads, memory_model=matrix.memory_model)
         return file_record(matrix, benchmark, record)
 
     return measure
@@ -631,7 +653,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     bench.save_json(output_json)
 def run_summary(records: list[Record]) -> list[str]:
     """Lines for the end of a run: contended cells, the largest ranked speedup, where the wall time went."""
-    timed = [r for r in records if r.status == "ok" and r.kind != "kernel"]
+    timed = [r for r in records if r.status == "ok"]
     if not timed:
         return []
     contended = [r for r in timed if r.contended]

@@ -76,6 +76,10 @@ class Record:
     warmup_steps: int | None = None
     samples_per_s: float | None = None
     compile_time_s: float | None = None
+    """The compiled variant's first call: dynamo's trace, AOTAutograd and inductor, and the call itself."""
+    compile_cache: str | None = None
+    """``cold`` (inductor generated code for at least one graph) or ``warm`` (every graph came from inductor's
+    on-disk cache, e.g. a second run on the machine): which of the two ``compile_time_s`` measured."""
     warmup_time_s: float | None = None
     # work
     flops_per_step: int | None = None

@@ -503,18 +503,36 @@ def best_variants(frame: pd.DataFrame) -> pd.DataFrame:
     return ok.loc[chosen].sort_values(["device_slug", "kind", "block", "mode", "batch"], ignore_index=True)
 
 
+def uncontended(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows not flagged ``contended`` (None, from records before the flag, is not contended)."""
+    if "contended" not in frame:
+        return frame
+    return frame[frame["contended"] != True]  # noqa: E712
+
+
+def contended_line(frame: pd.DataFrame) -> str | None:
+    """How many timed cells were contended, or None when none was."""
+    timed = frame[frame["status"] == "ok"]
+    n = len(timed) - len(uncontended(timed))
+    if not n:
+        return None
+    return (f"**{n} of {len(timed)} timed cells were contended**: other processes took the cores they ran on "
+            "(each cell's `machine_load` says how much). Their figures are shown with ⚠ but left out of fast_p, "
+            "the geometric means and the best-variant choice; rerun on a quiet machine to rank them.")
+
+
 def fast_p(frame: pd.DataFrame, thresholds: Sequence[float] = FAST_P_THRESHOLDS) -> dict[str, Any]:
     """KernelBench's fast_p over one device's (block, mode, batch) pairs with an ``ok`` eager cell.
 
     ``fast[p]`` is the fraction of pairs where some other variant is correct and faster than eager by more
     than ``p`` with 95% confidence (its speedup interval's lower bound above ``1 + p``): a speedup within
-    noise does not count. Returns ``{"pairs": n, "fast": {p: fraction}}``.
+    noise does not count, nor does a ``contended`` cell. Returns ``{"pairs": n, "fast": {p: fraction}}``.
     """
     blocks = frame[frame["kind"] != "kernel"]
     reference = blocks[(blocks["variant"] == REFERENCE_VARIANT) & (blocks["status"] == "ok")]
     keys = ["device_slug", "block", "mode", "batch"]
     pairs = reference[keys].drop_duplicates()
-    others = blocks[(blocks["variant"] != REFERENCE_VARIANT) & (blocks["status"] == "ok")]
+    others = uncontended(blocks[(blocks["variant"] != REFERENCE_VARIANT) & (blocks["status"] == "ok")])
     lower = others.groupby(keys)["speedup_ci_low"].max()
     best_low = [lower.get(tuple(p), math.nan) for p in pairs.itertuples(index=False, name=None)]
     n = len(pairs)
@@ -527,13 +545,13 @@ def geomean_speedups(frame: pd.DataFrame) -> pd.DataFrame:
 
     Each cell's log-speedup carries the standard error its own interval implies ((log high − log low) /
     2·1.96); the mean of n of them has the root of their summed squares over n. The interval is thus the
-    measurement noise of these blocks, not a claim about blocks not measured. Cells without an interval
-    are left out and counted. Columns: mode, variant, cells, correct, with_interval, geomean, ci_low, ci_high.
+    measurement noise of these blocks, not a claim about blocks not measured. Cells without an interval,
+    and contended ones, are left out and counted. Columns: mode, variant, cells, correct, with_interval, geomean, ci_low, ci_high.
     """
     blocks = frame[(frame["kind"] != "kernel") & (frame["variant"] != REFERENCE_VARIANT)]
     rows = []
     for (mode, variant), cells in blocks.groupby(["mode", "variant"], sort=True):
-        timed = cells[(cells["status"] == "ok") & cells["speedup_vs_eager"].notna()]
+        timed = uncontended(cells[(cells["status"] == "ok") & cells["speedup_vs_eager"].notna()])
         correct = int((cells["status"] == "ok").sum())
         usable = timed[timed["speedup_ci_low"].notna() & (timed["speedup_ci_low"] > 0)]
         row = {"mode": mode, "variant": variant, "cells": len(cells) - int((cells["status"] == "skipped").sum()),
@@ -871,6 +889,9 @@ def write_device_report(slug: str, frame: pd.DataFrame, results: Sequence[Result
              f"{len(frame)} cells: " + ", ".join(f"{n} {s}" for s, n in frame["status"].value_counts().sort_index()
                                                   .items()) + ". Raw cells: [summary.csv](summary.csv)"
              + "".join(f", [{name}]({name})" for name in kept) + ".", ""]
+    contended = contended_line(frame)
+    if contended:
+        lines += [contended, ""]
     lines += summary_lines(frame)
     lines += _run_lines(results, records)
     lines += _device_lines(device)
@@ -1073,6 +1094,10 @@ def write_index(out_dir: Path) -> Path:
                                 for p in FAST_P_THRESHOLDS)
             lines.append(f"| {names[d]} | [{d}/]({d}/README.md) | {mode} | {summary['pairs']} | {values} |")
     lines.append("")
+    for d in devices:
+        contended = contended_line(frame[frame["device_slug"] == d])
+        if contended:
+            lines += [f"`{d}`: {contended}", ""]
     best = best_variants(frame[frame["kind"] != "kernel"])
     for mode in _modes(frame):
         blocks = sorted(set(frame[(frame["mode"] == mode) & (frame["kind"] != "kernel")]["block"]))

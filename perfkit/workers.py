@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from perfkit.device import device_identity
-from perfkit.measure import TimingPolicy, measure_cell
+from perfkit.measure import GroupCache, TimingPolicy, measure_cell
 from perfkit.record import Record
 from perfkit.variants import parse_variant
 
@@ -32,23 +32,28 @@ WORKER_GPU_KEY = "perfkit_cuda_visible_devices"
 """The key of xdist's ``workerinput`` that carries a worker's GPU."""
 
 
-def _serve_cells(conn: Any, device: str, bench_shape: bool, policy: TimingPolicy) -> None:
-    """The isolated process: measure each cell sent until told to stop (None)."""
+def _serve_cells(conn: Any, device: str, bench_shape: bool, policy: TimingPolicy, options: dict[str, Any]) -> None:
+    """The isolated process: measure each cell sent until told to stop (None). The block's groups share their
+    float64 reference and warm eager model within the process, as they do in the matrix's own."""
+    groups = GroupCache()
     while True:
         cell = conn.recv()
         if cell is None:
             return
         block, variant, mode, batch = cell
-        conn.send(measure_cell(block, variant, mode, batch, device, bench_shape=bench_shape, policy=policy).to_dict())
+        conn.send(measure_cell(block, variant, mode, batch, device, bench_shape=bench_shape, policy=policy,
+                               groups=groups, **options).to_dict())
 
 
 class BlockProcess:
     """Measures cells in a process of their own, a new one each time the block changes."""
 
-    def __init__(self, device: torch.device, bench_shape: bool, policy: TimingPolicy) -> None:
+    def __init__(self, device: torch.device, bench_shape: bool, policy: TimingPolicy, **options: Any) -> None:
+        """``options`` go to every :func:`perfkit.measure.measure_cell` call (``threads``, ``memory_model``)."""
         self.device = device
         self.bench_shape = bench_shape
         self.policy = policy
+        self.options = options
         self.block: str | None = None
         self._process: Any = None
         self._conn: Any = None
@@ -62,7 +67,7 @@ class BlockProcess:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._process = context.Process(target=_serve_cells, name=f"perfkit-{block}", daemon=True,
-                                        args=(child, str(self.device), self.bench_shape, self.policy))
+                                        args=(child, str(self.device), self.bench_shape, self.policy, self.options))
         self._process.start()
         child.close()
         self.block = block

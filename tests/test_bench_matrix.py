@@ -89,6 +89,10 @@ def test_run_writes_every_field(tmp_path):
         tensor = 2 * 16 * 8 * 8 * 4
         assert record.bytes_per_step >= (8 if record.mode == "training" else 3) * tensor
         assert record.achieved_gb_per_s == pytest.approx(record.bytes_per_step / record.step_time_median_s / 1e9)
+        # Kernel cells run at the matrix's thread count and carry the machine's load, as block cells do.
+        assert record.threads >= 1 and record.machine_load["threads"] == record.threads
+        assert isinstance(record.contended, bool) and record.timing_stop
+        assert record.wall_split_s["timed rounds"] == pytest.approx(sum(record.times_s))
 
     timed = {(b["params"]["block"], b["params"]["mode"]): b for b in data["benchmarks"] if "block" in b["params"]}
     assert set(timed) == {("basic", "inference"), ("basic", "training")}

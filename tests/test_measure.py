@@ -265,6 +265,8 @@ def test_compile_records_its_compile_time_apart(tiny):
     assert record.variant == "compile" and record.rel_error < 1e-5
     # The first call compiled; the steps after it are far faster than a compile.
     assert record.compile_time_s > 10 * record.step_time_median_s
+    # Cold (inductor generated code) or warm (every graph from its on-disk cache): which one was timed.
+    assert record.compile_cache in ("cold", "warm")
 
 
 def test_adaptive_rounds_stop_when_steady_and_flag_noise():

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from perfkit import cli, memory_model
-from perfkit.measure import QUICK_POLICY, measure_cell
+from perfkit.measure import QUICK_POLICY, TimingPolicy, measure_cell, step_counts
 from perfkit.memory_model import CATEGORIES, plan_cell_memory, predict_step_memory
-from perfkit.registry import Entry
+from perfkit.registry import Entry, get_entry
+
+FAST = TimingPolicy(min_rounds=6, max_rounds=12, max_time_s=0.2, warmup_batch_s=0.005, warmup_max_s=0.05)
 
 GiB = 2**30
 
@@ -125,13 +127,15 @@ def test_the_gate_runs_at_the_largest_batch_whose_reference_fits(monkeypatch):
     assert plan.variant_fits and plan.gate_batch == 3
 
     monkeypatch.setattr(memory_model, "free_memory_bytes", lambda device: free)
-    record = measure_cell("basic", "channels_last", "inference", 8, "cpu", bench_shape=False, policy=QUICK_POLICY)
+    record = measure_cell("basic", "channels_last", "inference", 8, "cpu", bench_shape=False, policy=QUICK_POLICY,
+                          memory_model="exact")
     assert record.status == "ok" and record.gate_batch == 3 and record.batch == 8
     assert record.input_shape[0] == 8 and record.rel_error < record.tolerance
 
 
 def test_a_quiet_machine_gates_at_the_timed_batch():
-    record = measure_cell("basic", "eager", "training", 4, "cpu", bench_shape=False, policy=QUICK_POLICY)
+    record = measure_cell("basic", "eager", "training", 4, "cpu", bench_shape=False, policy=QUICK_POLICY,
+                          memory_model="exact")
     assert record.status == "ok" and record.gate_batch == 4
     assert record.predicted_memory["category_peaks"]["activations"] > 0
     # The measured CPU peak includes oneDNN's scratch; the prediction is tensors only.
@@ -144,3 +148,32 @@ def test_no_usdt_line_reaches_the_user():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "done"
     assert "USDT" not in done.stderr and "profiler_start" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", ["basic", "dense_plain", "inception", "d2l_resnet18"])
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_the_meta_pass_bounds_the_exact_prediction(name: str, mode: str) -> None:
+    """What lets the matrix skip the memory model where memory is plentiful: the allocation bound is above
+    the exact float32 peak, and twice it above the float64 reference's."""
+    entry = get_entry(name)
+    bound = step_counts(entry, 4, False, mode, entry.kind == "block").bound_bytes
+    float32 = predict_step_memory(name, "eager", mode, 4, bench_shape=False).peak_bytes
+    float64 = predict_step_memory(name, "eager", mode, 4, bench_shape=False, dtype=torch.float64).peak_bytes
+    assert float32 <= bound and float64 <= 2 * bound
+    assert bound < 20 * float32  # a bound, not a number too large to decide anything
+
+
+def test_auto_skips_the_memory_model_only_where_memory_is_plentiful(monkeypatch):
+    entry = get_entry("basic")
+    bound = step_counts(entry, 4, False, "training", True).bound_bytes
+    record = measure_cell("basic", "eager", "training", 4, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "ok" and record.predicted_peak_bytes is None
+    assert record.predicted_memory["method"] == "bound" and record.predicted_memory["bound_bytes"] == bound
+    assert "--perfkit-memory-model exact" in record.predicted_memory["notes"][0]
+    # Free memory below four times the bound: the exact prediction runs, as it does on every GPU.
+    monkeypatch.setattr(memory_model, "free_memory_bytes", lambda device: 3 * bound)
+    record = measure_cell("basic", "eager", "training", 4, "cpu", bench_shape=False, policy=FAST)
+    assert record.status == "ok" and record.predicted_peak_bytes > 0 and record.gate_batch == 4
+    assert record.predicted_memory["category_peaks"]["activations"] > 0
+    with pytest.raises(ValueError, match="valid: auto, exact"):
+        measure_cell("basic", "eager", "training", 4, "cpu", bench_shape=False, memory_model="always")

@@ -31,6 +31,7 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_matrix.py", "-q", "-p", "no:cacheprovider",
          "--perfkit-profile=quick", "--perfkit-blocks=basic", "--perfkit-variants=eager,channels_last,fp16",
+         "--perfkit-memory-model=exact",
          f"--perfkit-jsonl={out / 'results.jsonl'}", f"--benchmark-json={out / 'bench.json'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -93,6 +93,23 @@ def test_fast_p_and_geomean():
     assert means["ci_low"] < means["geomean"] < means["ci_high"] and means["correct"] == 3
 
 
+def test_contended_cells_are_counted_and_left_out_of_the_summaries(tmp_path):
+    records = [cell("eager", 2e-3), cell("channels_last", 1e-3, seed=1, contended=True),  # a "2x" under load
+               cell("eager", 2e-3, block="wrc"), cell("channels_last", 1.6e-3, block="wrc", seed=2)]
+    frame = summary_frame(records)
+    assert fast_p(frame)["fast"][0.5] == 0.0  # the contended 2x is not a speedup anyone may quote
+    means = geomean_speedups(frame).set_index("variant").loc["channels_last"]
+    assert means["with_interval"] == 1 and means["geomean"] == pytest.approx(1.25, rel=0.02)
+    assert best_variants(frame).set_index("block")["variant"]["basic"] == "eager"
+    path = tmp_path / "run.jsonl"
+    for record in records:
+        append_jsonl(path, record)
+    assert main(["report", str(path), "-o", str(tmp_path / "out"), "--no-compare"]) == 0
+    readme = (tmp_path / "out" / device_slug(CPU) / "README.md").read_text()
+    assert "**1 of 4 timed cells were contended**" in readme
+    assert "1 of 4 timed cells were contended" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_device_folders_tell_machines_apart():
     assert device_slug(CPU) == "cpu-amd-epyc-2c-avx2"
     assert device_slug({**CPU, "isa": "avx512"}) != device_slug(CPU)

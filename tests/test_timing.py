@@ -6,6 +6,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,11 +17,15 @@ from perfkit.machine import LoadMonitor, available_cores
 from perfkit.measure import (
     GroupCache,
     TimingPolicy,
+    adaptive_pairs,
+    adaptive_rounds,
     clock_rounds,
     measure_cell,
     paired_ratio_ci,
+    median_ci_rel,
     paired_rounds,
     repeat_interval_rel,
+    stop_reason,
 )
 
 SHAPE = (8, 12, 12)
@@ -61,6 +66,17 @@ def test_paired_rounds_interleave_and_stop_on_both_series():
     times, baseline = paired_rounds(lambda: time.sleep(0.002), lambda: time.sleep(0.001), POLICY, run)
     assert len(times) == len(baseline)
     assert statistics.median(times) > statistics.median(baseline)
+
+
+def test_min_time_keeps_timing_a_short_step_after_its_target_is_met():
+    policy = TimingPolicy(min_rounds=6, max_rounds=10_000, max_time_s=5.0, min_time_s=0.05)
+    times = adaptive_rounds(lambda: None, policy, run=lambda step, n: [1e-4] * n)  # the CI is 0 at once
+    assert 0.05 <= sum(times) < 0.05 + 2 * 1e-4
+    assert stop_reason(median_ci_rel(times), len(times), sum(times), policy) == "median's 95% CI within ±2%"
+    capped = adaptive_rounds(lambda: None, replace(policy, max_rounds=40), run=lambda step, n: [1e-4] * n)
+    assert len(capped) == 40  # the round cap still wins
+    pairs, baseline = adaptive_pairs(lambda n: ([1e-4] * n, [1e-4] * n), policy)
+    assert 0.05 <= sum(pairs) + sum(baseline) < 0.05 + 4 * 1e-4  # the minimum covers both series
 
 
 def test_paired_ratio_ci_is_deterministic_and_brackets_the_ratio():
@@ -187,3 +203,31 @@ def test_run_summary_counts_contended_cells_and_ranks_only_the_others():
     assert "largest speedup of any cell, contended or not: 148.60x" in lines[2]
     assert "largest ranked speedup 1.20x [1.08, 1.32] (basic bf16" in lines[3]
     assert "wall time of the cells 12.0 s, 75% of it timed rounds" in lines[4]
+
+
+def test_a_kernel_variant_is_timed_beside_eager(monkeypatch):
+    """benchmarks/test_kernels.py pairs a kernel variant's rounds with the eager expression's; here the
+    "compile" variant is eager itself (no compile), so the pairs' ratio is ~1."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "test_kernels.py"
+    spec = importlib.util.spec_from_file_location("perfkit_kernel_cells", path)
+    kernels = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, kernels)  # its dataclasses look themselves up there
+    spec.loader.exec_module(kernels)
+    eager = kernels._wrc_expression
+    monkeypatch.setattr(kernels, "_implementation", lambda kernel, variant: eager)
+
+    class Disabled:
+        disabled = True
+
+    threads = torch.get_num_threads()
+    record = kernels.measure_kernel("wrc_epilogue", "compile", "training", "float32", "nchw", torch.device("cpu"),
+                                    POLICY, Disabled(), threads=1)
+    assert record.status == "ok", record.reason
+    assert record.threads == 1 and torch.get_num_threads() == threads  # set for the cell, then restored
+    assert len(record.eager_times_s) == len(record.times_s) >= POLICY.min_rounds
+    assert record.speedup_ci_low <= record.speedup_vs_eager <= record.speedup_ci_high
+    assert 0.8 <= record.speedup_vs_eager <= 1.25, record.speedup_vs_eager
+    assert record.machine_load["threads"] == 1 and isinstance(record.contended, bool)
