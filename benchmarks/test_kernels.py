@@ -17,6 +17,11 @@ record's ``times_s``. pytest-benchmark's ``stats`` hold a second, host-clock ser
 untimed, the round ending in a synchronization), which includes the launch latency; the record is the figure
 to read for GB/s. On the CPU both are the same perf_counter rounds (there is no cache to flush by hand; the
 CPU shapes are tiny and only check that the cells run).
+
+Side by side. A variant other than eager (``compile``, ``triton``) is timed interleaved with the eager
+expression on its own copy of the inputs, pair by pair, each member on a GPU after its own L2 flush:
+``speedup_vs_eager`` is the median of the pairs' ratios, as in the matrix's cells. Every cell runs at the
+matrix's thread count and records the machine's load over its rounds (``contended``, ``machine_load``).
 """
 
 from __future__ import annotations

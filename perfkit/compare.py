@@ -8,7 +8,11 @@ verdict against the threshold band ``[1/(1+t), 1+t]``, symmetric in log space as
 - ``slower`` (a regression): the whole interval above ``1+t``;
 - ``faster``: the whole interval below ``1/(1+t)``;
 - ``unchanged``: the whole interval inside the band;
-- ``noisy`` (too noisy to tell): the interval straddles an edge of the band.
+- ``noisy`` (too noisy to tell): the interval straddles an edge of the band;
+- ``contended`` (not judged): either run's cell was timed while other processes took its cores
+  (``perfkit.machine``): its ratio is shown, and it is never a regression, nor evidence of none;
+- ``threads`` (not judged): the two cells ran with different intra-op thread counts (a busy machine makes
+  the default choose fewer), so the ratio measures the threads, not the change.
 
 Deterministic counters (FLOPs, parameters, bytes moved, and the peak memory when its method is exact)
 are compared exactly; any increase is a regression. A cell that was ok and now fails, runs out of memory
@@ -219,9 +223,15 @@ def compare_records(base: list[Record], new: list[Record], *, threshold: float =
         if b.status == n.status == "ok" and b.times_s and n.times_s:
             base_median, new_median = float(np.median(b.times_s)), float(np.median(n.times_s))
             low, high = bootstrap_ratio_ci(b.times_s, n.times_s)
+            if b.contended or n.contended:
+                judged = "contended"
+            elif b.threads is not None and n.threads is not None and b.threads != n.threads:
+                judged = "threads"
+            else:
+                judged = verdict(low, high, threshold)
             comparison.timings.append(TimingRow(
                 label, base_median, new_median, new_median / base_median, low, high,
-                mann_whitney_p(b.times_s, n.times_s), verdict(low, high, threshold)))
+                mann_whitney_p(b.times_s, n.times_s), judged))
     return comparison
 
 
@@ -235,7 +245,8 @@ def _time(seconds: float) -> str:
 
 
 VERDICT_TEXT = {"slower": "SLOWER (regression)", "faster": "faster", "unchanged": "unchanged",
-                "noisy": "too noisy to tell"}
+                "noisy": "too noisy to tell", "contended": "contended: not judged",
+                "threads": "threads differ: not judged"}
 
 
 def _summary(c: Comparison) -> str:

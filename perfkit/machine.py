@@ -9,13 +9,15 @@ kernel's own accounting can. Around the timed rounds this module reads:
 - ``/proc/stat``'s per-CPU busy time on the CPUs this process may run on (its affinity), from which this
   process's own CPU time is subtracted: what is left is the CPU time *other* processes took from the
   cores the cell was using — the direct measure of contention;
-- the process's CPU time against wall time (``time.process_time``), threads used against cores available;
+- the time this process's threads spent runnable but waiting for a core (``/proc/self/task/*/schedstat``),
+  the process's CPU time against wall time (``time.process_time``), threads used against cores available;
 - on a GPU, the other processes on the device (NVML, when ``nvidia-ml-py`` is installed).
 
 A cell is ``contended`` when other processes kept busy, on average, more cores than the ones this process
 left free (``cores - threads``) plus :data:`CONTENDED_SPARE_CORES` (and the counters' tick over the region:
-one per CPU, 2 cores x 10 ms over 0.1 s is 0.2 of a core), when this process got less than
-:data:`MIN_CPU_SHARE` of the cores its threads needed, or when another process computed on
+one per CPU, 2 cores x 10 ms over 0.1 s is 0.2 of a core), when this process's threads spent more than
+:data:`MAX_WAIT_SHARE` of their time runnable but waiting for a core (``/proc/self/task/*/schedstat``;
+without it, when the process got less than :data:`MIN_CPU_SHARE` of the cores its threads needed), or when another process computed on
 the same GPU. Such a cell's figures are kept (the record says how busy the machine was) but never ranked.
 """
 
@@ -32,10 +34,17 @@ CONTENDED_SPARE_CORES = 0.25
 """Others may use up to this many cores beyond the ones left free before a cell counts as contended: a
 shell, a logger, the kernel's own threads keep a few percent of a core busy on any quiet machine."""
 
+MAX_WAIT_SHARE = 0.1
+"""A cell whose threads spent more than this fraction of ``threads x wall`` runnable but waiting for a core
+(the scheduler's run-queue delay) was crowded out. Measured on the 2-core CPU over quick-profile cells:
+0.000-0.008 per thread alone (1 or 2 threads), 0.28-0.52 per thread beside two busy loops. A step that
+sleeps, or waits for a GPU, is not runnable, so it does not count (its CPU share would)."""
+
 MIN_CPU_SHARE = 0.85
-"""On the CPU, a cell whose process got less CPU time than this fraction of ``threads x wall`` was kept
-waiting for a core. Measured on the 2-core CPU with 1 thread: 0.95-1.01 alone, 0.50-0.75 beside two
-busy loops (three runnable threads on two cores get two thirds of a core each)."""
+"""Where the kernel has no run-queue statistics: on the CPU, a cell whose process got less CPU time than
+this fraction of ``threads x wall`` was kept waiting for a core. Measured on the 2-core CPU with 1 thread:
+0.95-1.01 alone, 0.50-0.75 beside two busy loops (three runnable threads on two cores get two thirds of a
+core each). A step that sleeps reads as contended by this rule, which is why it is the fallback."""
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -88,6 +97,25 @@ def _loadavg() -> tuple[float, int] | None:
     return float(parts[0]), int(parts[3].split("/")[0])
 
 
+def _runqueue_wait_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a core (the scheduler's run-queue
+    delay, ``/proc/self/task/*/schedstat``'s second field), or None where the kernel does not expose it."""
+    total = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        text = _read(f"/proc/self/task/{task}/schedstat")
+        if text is None:
+            continue  # a thread that ended between the listing and the read
+        fields = text.split()
+        if len(fields) < 2:
+            return None
+        total += int(fields[1])
+    return total / 1e9 if tasks else None
+
+
 def _own_cpu_s() -> float:
     # CLOCK_PROCESS_CPUTIME_ID (all threads, nanoseconds); os.times() ticks at 100 Hz, too coarse here.
     return time.process_time()
@@ -124,6 +152,7 @@ class Snapshot:
 
     wall_s: float
     own_cpu_s: float
+    wait_s: float | None
     busy_s: float | None
     loadavg: tuple[float, int] | None
     procs_running: int | None
@@ -138,7 +167,8 @@ class LoadMonitor:
         self._start: Snapshot | None = None
 
     def _snapshot(self) -> Snapshot:
-        return Snapshot(time.perf_counter(), _own_cpu_s(), _cpu_busy_s(self.cpus), _loadavg(), _procs_running())
+        return Snapshot(time.perf_counter(), _own_cpu_s(), _runqueue_wait_s(), _cpu_busy_s(self.cpus), _loadavg(),
+                        _procs_running())
 
     def start(self) -> None:
         """Read the counters before the timed region."""
@@ -163,6 +193,8 @@ class LoadMonitor:
             "threads": threads,
             "wall_s": wall,
             "process_cpu_s": own,
+            "runqueue_wait_s": (end.wait_s - begin.wait_s) if end.wait_s is not None and begin.wait_s is not None
+            else None,
             "loadavg_1m_before": begin.loadavg[0] if begin.loadavg else None,
             "loadavg_1m_after": end.loadavg[0] if end.loadavg else None,
             "runnable_before": begin.procs_running,
@@ -185,8 +217,13 @@ class LoadMonitor:
         if others is not None and others > free + CONTENDED_SPARE_CORES + tick_cores:
             reasons.append(f"other processes kept {others:.2f} of the {cores} cores busy while {threads} "
                            f"thread(s) ran here")
-        # On a GPU the host thread may sleep in a synchronization, so its CPU share says nothing there.
-        if self.device.type == "cpu" and threads > 0 and wall > 0 and own < MIN_CPU_SHARE * threads * wall:
+        waited = load["runqueue_wait_s"]
+        if waited is not None:
+            # Runnable but not running: a step that sleeps or waits on a GPU is not waiting for a core.
+            if threads > 0 and wall > 0 and waited > MAX_WAIT_SHARE * max(threads, 1) * wall:
+                reasons.append(f"its threads waited {waited / wall:.2f} s per second for a core (run queue)")
+        elif self.device.type == "cpu" and threads > 0 and wall > 0 and own < MIN_CPU_SHARE * threads * wall:
+            # Without schedstat, the CPU share: on a GPU the host may sleep in a synchronization, so not there.
             reasons.append(f"the process got {own / wall:.2f} cores of CPU time for {threads} thread(s)")
         gpu_others = gpu_other_processes(self.device)
         if gpu_others is not None:

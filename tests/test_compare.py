@@ -78,7 +78,8 @@ def compare(capsys, *args: str) -> tuple[int, str, str]:
 def verdicts(out: str) -> list[str]:
     """The verdict of every timed cell in a markdown or text table."""
     rows = [row.strip("| ") for row in out.splitlines() if row.lstrip("| ").startswith("sleep ")]
-    return [next(v for v in ("SLOWER (regression)", "faster", "unchanged", "too noisy to tell") if row.endswith(v))
+    return [next(v for v in ("SLOWER (regression)", "faster", "unchanged", "too noisy to tell",
+                                          "contended: not judged", "threads differ: not judged") if row.endswith(v))
             for row in rows]
 
 
@@ -125,6 +126,29 @@ def test_planted_slowdown_in_one_cell_is_a_regression(runs, tmp_path, capsys):
     assert "SLOWER (regression)" in line and "| 1.500 |" in line
     assert "1 regression(s)" in out
     assert sorted(verdicts(out)) == ["SLOWER (regression)"] + ["unchanged"] * 3
+
+
+def test_a_contended_cell_is_shown_but_not_judged(runs, tmp_path, capsys):
+    def slow_and_crowded(data):
+        bench = next(b for b in data["benchmarks"] if b["params"]["variant"] == "channels_last"
+                     and b["params"]["mode"] == "training")
+        bench["stats"]["data"] = [t * 1.5 for t in bench["stats"]["data"]]
+        bench["extra_info"]["times_s"] = [t * 1.5 for t in bench["extra_info"]["times_s"]]
+        bench["extra_info"]["contended"] = True
+
+    crowded = edited(runs[0], tmp_path / "crowded.json", slow_and_crowded)
+    status, out, _ = compare(capsys, runs[0], crowded)
+    assert status == 0, out  # 1.5x slower, but on a machine that was busy: not a regression
+    line = next(row for row in out.splitlines() if "sleep channels_last training" in row)
+    assert "contended: not judged" in line and "| 1.500 |" in line
+    assert sorted(verdicts(out)) == ["contended: not judged"] + ["unchanged"] * 3
+
+    def fewer_threads(data):
+        for bench in data["benchmarks"]:
+            bench["extra_info"]["threads"] = 1 if bench["extra_info"]["threads"] != 1 else 2
+
+    status, out, _ = compare(capsys, runs[0], edited(runs[0], tmp_path / "threads.json", fewer_threads))
+    assert status == 0 and verdicts(out) == ["threads differ: not judged"] * 4
 
 
 def test_counter_increase_is_a_regression(runs, tmp_path, capsys):

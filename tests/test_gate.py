@@ -36,6 +36,19 @@ def test_eager_passes_its_own_gate_at_the_matrix_batch(name, mode):
     assert state.eager_error < EAGER_SANITY_TOLERANCE["float32"][0]
 
 
+# At the benchmark shapes (a block at a representative stage, a network at 224x224): every block by default,
+# at batch 8; PERFKIT_GATE_ALL=1 adds every network (~15 min on 2 cores: VGG's float64 training at 224).
+BENCH_CASES = [(name, mode) for name in perfkit.list_blocks() for mode in ("inference", "training")
+               if os.environ.get("PERFKIT_GATE_ALL") == "1" or get_entry(name).kind == "block"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mode", BENCH_CASES, ids=[f"{n}-{m}" for n, m in BENCH_CASES])
+def test_eager_passes_its_own_gate_at_the_benchmark_shape(name, mode):
+    state = eager_gate(name, mode, 8, "cpu", bench_shape=True)
+    assert state.eager_failure is None, state.eager_failure
+
+
 def test_float32_rule_is_a_multiple_of_eager_plus_a_floor_capped_at_eagers_bound():
     assert gate_tolerance("float32", 1e-7) == pytest.approx(ACCURACY_MULTIPLIER * 1e-7 + ACCURACY_FLOOR["float32"][0])
     assert gate_tolerance("float32", 1e-7, gradients=True) == pytest.approx(

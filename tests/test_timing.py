@@ -107,6 +107,18 @@ def test_monitor_sees_the_process_alone_or_not():
     assert isinstance(load["contended"], bool) and "others_busy_cores" in load
 
 
+def test_a_step_that_sleeps_is_not_waiting_for_a_core():
+    """A sleeping (or GPU-waiting) step uses little CPU; it is not runnable, so it is not crowded out."""
+    monitor = LoadMonitor("cpu")
+    monitor.start()
+    time.sleep(0.3)
+    load = monitor.stop(threads=1)
+    if load["runqueue_wait_s"] is None:
+        pytest.skip("this kernel exposes no run-queue statistics (/proc/self/task/*/schedstat)")
+    assert load["runqueue_wait_s"] < 0.1 * load["wall_s"]
+    assert "run queue" not in (load["contended_reason"] or "")
+
+
 def test_variants_share_the_groups_reference_and_eager(conv_block, monkeypatch):
     import perfkit.measure as measure
 
@@ -147,6 +159,8 @@ def test_busy_machine_is_flagged_and_paired_ratio_holds(conv_block):
     assert record.status == "ok", record.reason
     assert record.contended, record.machine_load
     assert record.machine_load["others_busy_cores"] > 0.5 * cores
+    if record.machine_load["runqueue_wait_s"] is not None:
+        assert "waited" in record.machine_load["contended_reason"]  # its threads queued for a core
     assert 0.9 <= record.speedup_vs_eager <= 1.1, (record.speedup_vs_eager, record.machine_load)
 
 
