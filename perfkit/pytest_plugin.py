@@ -628,7 +628,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     matrix = config.stash[_STATE]
     output_json["perfkit_profile"] = matrix.profile_name
-    output_json["perfkit_command"] = shlex.join(["pytest", *config.invocation_params.args])
+    # The PERFKIT_* variables select as the options do, so they are part of the command that reruns the run.
+    selection = [f"{name}={os.environ[name]}" for name in sorted(OPTIONS.values()) if os.environ.get(name)]
+    output_json["perfkit_command"] = shlex.join([*selection, "pytest", *config.invocation_params.args])
     output_json["perfkit_skipped_cells"] = matrix.skipped
     output_json["perfkit_failed_cells"] = matrix.failed
 

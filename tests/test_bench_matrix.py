@@ -64,7 +64,7 @@ def test_run_writes_every_field(tmp_path):
     result = _pytest("-p", "planted_blocks", "--perfkit-blocks=basic,planted_*", "--perfkit-variants=eager,fp16",
                      "--perfkit-modes=inference,training", "--perfkit-batches=2", f"--perfkit-jsonl={jsonl}",
                      "--perfkit-device=cpu", "--perfkit-kernels=wrc_epilogue", f"--benchmark-json={out}",
-                     plugin_dir=tmp_path)
+                     plugin_dir=tmp_path, env={"PERFKIT_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # basic eager and the wrc_epilogue kernel's eager cell in both modes are timed; fp16 skips on the CPU
     # (and is no kernel variant); the planted blocks fail and run out of memory; the ceilings need a GPU.
@@ -76,6 +76,7 @@ def test_run_writes_every_field(tmp_path):
     device = data["machine_info"]["perfkit_device"]
     assert device["type"] == "cpu" and device["name"] and device["torch"]
     assert data["perfkit_profile"] == "quick"
+    assert data["perfkit_command"].startswith("PERFKIT_THREADS=1 pytest benchmarks/")  # reruns the same run
 
     fields = {f.name for f in dataclasses.fields(Record)}
     kernels = [b for b in data["benchmarks"] if "kernel" in b["params"]]
@@ -90,7 +91,7 @@ def test_run_writes_every_field(tmp_path):
         assert record.bytes_per_step >= (8 if record.mode == "training" else 3) * tensor
         assert record.achieved_gb_per_s == pytest.approx(record.bytes_per_step / record.step_time_median_s / 1e9)
         # Kernel cells run at the matrix's thread count and carry the machine's load, as block cells do.
-        assert record.threads >= 1 and record.machine_load["threads"] == record.threads
+        assert record.threads == 1 and record.machine_load["threads"] == 1
         assert isinstance(record.contended, bool) and record.timing_stop
         assert record.wall_split_s["timed rounds"] == pytest.approx(sum(record.times_s))
 
