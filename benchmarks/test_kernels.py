@@ -19,7 +19,8 @@ to read for GB/s. On the CPU both are the same perf_counter rounds (there is no 
 CPU shapes are tiny and only check that the cells run).
 
 Side by side. A variant other than eager (``compile``, ``triton``) is timed interleaved with the eager
-expression on its own copy of the inputs, pair by pair, each member on a GPU after its own L2 flush:
+expression on its own copy of the inputs, pair by pair (on a GPU one round each, each after its own L2
+flush; on the CPU in blocks, ``measure.pair_block``):
 ``speedup_vs_eager`` is the median of the pairs' ratios, as in the matrix's cells. Every cell runs at the
 matrix's thread count and records the machine's load over its rounds (``contended``, ``machine_load``).
 """
@@ -46,6 +47,7 @@ from perfkit.measure import (
     error_message,
     is_oom,
     median_ci_rel,
+    pair_block,
     paired_ratio_ci,
     paired_rounds,
     quantile,
@@ -311,7 +313,9 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
             BenchmarkRounds(benchmark, setup=flush)(synced_step, min(len(times), 100))
         else:
             if eager_fn is not None:
-                times, eager_times = paired_rounds(synced_step, synced_eager_step, policy, BenchmarkRounds(benchmark))
+                result["pair_block"] = pair_block(seconds / max(steps, 1))
+                times, eager_times = paired_rounds(synced_step, synced_eager_step, policy, BenchmarkRounds(benchmark),
+                                                   result["pair_block"])
             else:
                 times = adaptive_rounds(synced_step, policy, BenchmarkRounds(benchmark))
             result["timer"] = "time.perf_counter around one call (CPU; no cache flush)"

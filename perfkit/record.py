@@ -77,6 +77,8 @@ class Record:
     samples_per_s: float | None = None
     compile_time_s: float | None = None
     """The compiled variant's first call: dynamo's trace, AOTAutograd and inductor, and the call itself."""
+    pair_block: int | None = None
+    """Paired cells: the rounds each member ran in a row before the other's (``measure.pair_block``)."""
     compile_cache: str | None = None
     """``cold`` (inductor generated code for at least one graph) or ``warm`` (every graph came from inductor's
     on-disk cache, e.g. a second run on the machine): which of the two ``compile_time_s`` measured."""

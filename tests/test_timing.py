@@ -23,6 +23,7 @@ from perfkit.measure import (
     measure_cell,
     paired_ratio_ci,
     median_ci_rel,
+    pair_block,
     paired_rounds,
     repeat_interval_rel,
     stop_reason,
@@ -66,6 +67,36 @@ def test_paired_rounds_interleave_and_stop_on_both_series():
     times, baseline = paired_rounds(lambda: time.sleep(0.002), lambda: time.sleep(0.001), POLICY, run)
     assert len(times) == len(baseline)
     assert statistics.median(times) > statistics.median(baseline)
+
+
+def test_pairs_alternate_in_blocks_sized_to_the_step():
+    order = []
+    times, baseline = paired_rounds(lambda: order.append("v"), lambda: order.append("e"), POLICY, block=3)
+    assert len(times) == len(baseline) and len(times) % 3 == 0
+    assert "".join(order[:12]) == "eeevvveeevvv"
+    # ~10 ms a block: single rounds for long steps, at most 10 for short ones (whose caches the other
+    # member's block evicts).
+    assert (pair_block(0.05), pair_block(0.004), pair_block(0.0007), pair_block(1e-5), pair_block(0.0)) == \
+        (1, 2, 10, 10, 1)
+
+
+def test_blocks_keep_the_other_members_cache_misses_out_of_the_median():
+    """A variant whose first round after eager's is twice as slow (its caches evicted): alternating single
+    rounds times only cold rounds; blocks sized to the step time mostly warm ones, as the variant runs alone."""
+    state = {"cold": True}
+
+    def eager() -> None:
+        state["cold"] = True
+
+    def variant() -> None:
+        time.sleep(0.002 if state["cold"] else 0.001)
+        state["cold"] = False
+
+    policy = TimingPolicy(min_rounds=10, max_rounds=60, max_time_s=1.0)
+    single, _ = paired_rounds(variant, eager, policy, block=1)
+    blocked, _ = paired_rounds(variant, eager, policy, block=pair_block(0.001))
+    assert statistics.median(single) >= 0.002
+    assert statistics.median(blocked) < 0.0015
 
 
 def test_min_time_keeps_timing_a_short_step_after_its_target_is_met():
