@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from perfkit.device import device_identity
-from perfkit.machine import LoadMonitor
+from perfkit.machine import LoadMonitor, minor_faults
 from perfkit.measure import (
     BenchmarkRounds,
     PairRunner,
@@ -296,6 +296,7 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
         result.update(warmup_steps=steps, warmup_time_s=seconds)
 
         stages.enter("timing")
+        faults = minor_faults()
         eager_times: list[float] = []
         cache = _flush_buffer(device)
         if cache is not None:
@@ -320,6 +321,7 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
                 times = adaptive_rounds(synced_step, policy, BenchmarkRounds(benchmark))
             result["timer"] = "time.perf_counter around one call (CPU; no cache flush)"
         load = monitor.stop(base["threads"])
+        load["minor_faults_per_round"] = (minor_faults() - faults) / (len(times) + len(eager_times))
         median = statistics.median(times)
         ci = median_ci_rel(times)
         result.update(
@@ -355,5 +357,5 @@ def test_kernel(benchmark, perfkit_matrix, perfkit_file_record, kernel: str, var
     """One kernel cell; its record is pytest-benchmark's extra_info and a line of the JSON-lines file."""
     benchmark.group = f"{kernel}-{mode}-{dtype}-{layout}"
     record = measure_kernel(kernel, variant, mode, dtype, layout, perfkit_matrix.device, perfkit_matrix.profile.policy,
-                            benchmark, threads=perfkit_matrix.cell_threads())
+                            benchmark, threads=perfkit_matrix.before_cell())
     perfkit_file_record(benchmark, record)

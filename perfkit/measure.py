@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from perfkit.device import device_identity
 from perfkit.gpu import DeviceClockRounds
-from perfkit.machine import LoadMonitor
+from perfkit.machine import LoadMonitor, minor_faults
 from perfkit.memory import METHOD as CPU_MEMORY_METHOD
 from perfkit.memory import cpu_step_memory
 from perfkit import memory_model as _memory_model
@@ -943,7 +943,9 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
             return paired_rounds(timed_step, eager_step, policy, run_rounds, result["pair_block"])
         return adaptive_rounds(timed_step, policy, run_rounds), []
 
+    faults = minor_faults()
     times, eager_times = time_rounds()
+    faults = minor_faults() - faults
     if isinstance(run_rounds, DeviceClockRounds):  # issue 14: clocks, throttling, device times
         retimed: list[list[float]] = []
         times = run_rounds.retime_if_throttled(lambda: retimed.append(time_rounds()) or retimed[-1][0], times)
@@ -951,6 +953,7 @@ def _run_cell(entry: Entry, variant: Variant, mode: str, batch: int, device: tor
             eager_times = retimed[-1][1]
         result.update(run_rounds.record_fields())
     load = monitor.stop(base["threads"])
+    load["minor_faults_per_round"] = faults / (len(times) + len(eager_times))
     result["timing_stop"] = stop_reason(max(median_ci_rel(times), median_ci_rel(eager_times) if eager_times else 0.0),
                                         len(times), sum(times) + sum(eager_times), policy)
     median = statistics.median(times)

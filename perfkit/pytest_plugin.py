@@ -33,6 +33,10 @@ option                      environment          meaning
                                                  elsewhere only where memory is tight) or ``exact`` (every
                                                  cell, so the report compares prediction and measurement);
                                                  env ``PERFKIT_MEMORY_MODEL``
+``--perfkit-malloc``        ``PERFKIT_MALLOC``   ``pinned`` (glibc's mmap and trim thresholds fixed before
+                                                 the first cell, so no cell's allocator depends on what
+                                                 ran before it; ``perfkit.machine.pin_malloc``) or
+                                                 ``default`` (glibc's moving thresholds)
 ==========================  ===================  ==========================================================
 
 A profile with a time limit (``gpu-smoke``) and a shard print the plan (every cell's estimated cost, the
@@ -82,7 +86,7 @@ import torch
 
 import perfkit
 from perfkit.device import default_device, device_identity
-from perfkit.machine import available_cores, default_threads
+from perfkit.machine import available_cores, default_threads, pin_malloc
 from perfkit.measure import MEMORY_MODELS, QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
 from perfkit.plan import (
     CEILINGS_S,
@@ -201,12 +205,14 @@ OPTIONS = {
     "import": "PERFKIT_IMPORT",
     "threads": "PERFKIT_THREADS",
     "memory_model": "PERFKIT_MEMORY_MODEL",
+    "malloc": "PERFKIT_MALLOC",
 }
 ISOLATE_ENV = "PERFKIT_ISOLATE"
 ARGNAMES = ("block", "variant", "mode", "dtype", "batch")
 KERNEL_ARGNAMES = ("kernel", "variant", "mode", "dtype", "layout")
 
 _STATE = pytest.StashKey["MatrixConfig"]()
+MALLOC_CHOICES = ("pinned", "default")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -226,6 +232,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                    "the cores not kept busy by other processes at the start of the run)",
         "memory_model": f"when the memory model predicts a cell: {', '.join(MEMORY_MODELS)} (default: auto, "
                         "every cell on a GPU, elsewhere only where memory is tight)",
+        "malloc": f"glibc malloc for the cells: {', '.join(MALLOC_CHOICES)} (default: pinned thresholds, the "
+                  "same whatever ran before a cell)",
     }
     for name, env in OPTIONS.items():
         group.addoption(f"--perfkit-{name.replace('_', '-')}", dest=f"perfkit_{name}", default=None,
@@ -265,6 +273,7 @@ class MatrixConfig:
     threads: int | None = None
     """None: :func:`perfkit.machine.default_threads`, judged when the first cell is about to run."""
     memory_model: str = "auto"
+    malloc: str = "pinned"
     records: list[Record] = field(default_factory=list)
     """Every record of the session, for the terminal summary."""
     groups: GroupCache = field(default_factory=GroupCache)
@@ -281,9 +290,13 @@ class MatrixConfig:
         """Whether the plan and the progress lines are printed: a profile with a time limit, or a shard."""
         return self.profile.time_limit_s is not None or self.shard is not None
 
-    def cell_threads(self) -> int:
-        """The intra-op threads every cell runs with: ``--perfkit-threads``, else judged once, before the
-        first cell (:func:`perfkit.machine.default_threads`)."""
+    def before_cell(self) -> int:
+        """Set the process up for the cells, once, and return the intra-op threads every cell runs with:
+        ``--perfkit-threads``, else judged before the first cell (:func:`perfkit.machine.default_threads`).
+        glibc's malloc thresholds are pinned (:func:`perfkit.machine.pin_malloc`) unless
+        ``--perfkit-malloc default``."""
+        if self.malloc == "pinned":
+            pin_malloc()
         if self.threads is None:
             self.threads = default_threads()
         return self.threads
@@ -426,6 +439,9 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
             raise pytest.UsageError(f"--perfkit-threads {threads_value!r}: give a positive integer; this process "
                                     f"may run on {cores} core(s), so 1..{cores} avoids oversubscription")
 
+    malloc = _option(config, "malloc") or "pinned"
+    if malloc not in MALLOC_CHOICES:
+        raise pytest.UsageError(f"--perfkit-malloc {malloc!r}: valid choices are {', '.join(MALLOC_CHOICES)}")
     memory_model = _option(config, "memory_model") or "auto"
     if memory_model not in MEMORY_MODELS:
         raise pytest.UsageError(f"--perfkit-memory-model {memory_model!r}: valid choices are "
@@ -434,7 +450,7 @@ def _resolve(config: pytest.Config) -> MatrixConfig:
     jsonl = Path(_option(config, "jsonl") or "out/results.jsonl")
     return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, shard,
                         isolate, xdist_worker=hasattr(config, "workerinput"), threads=threads,
-                        memory_model=memory_model)
+                        memory_model=memory_model, malloc=malloc)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -583,11 +599,12 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
 
     def measure(block: str, variant: str, mode: str, batch: int) -> Record:
         benchmark.group = f"{block}-{mode}"
-        matrix.cell_threads()
+        matrix.before_cell()
         if matrix.isolate:
             if matrix.block_process is None:
                 matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy,
-                                                    threads=matrix.threads, memory_model=matrix.memory_model)
+                                                    threads=matrix.threads, memory_model=matrix.memory_model,
+                                                    pin_malloc=matrix.malloc == "pinned")
             record = matrix.block_process.measure(block, variant, mode, batch)
             store_rounds(benchmark, record.times_s)
         else:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from perfkit.device import device_identity
+from perfkit.machine import pin_malloc
 from perfkit.measure import GroupCache, TimingPolicy, measure_cell
 from perfkit.record import Record
 from perfkit.variants import parse_variant
@@ -36,6 +37,8 @@ def _serve_cells(conn: Any, device: str, bench_shape: bool, policy: TimingPolicy
     """The isolated process: measure each cell sent until told to stop (None). The block's groups share their
     float64 reference and warm eager model within the process, as they do in the matrix's own."""
     groups = GroupCache()
+    if options.pop("pin_malloc", False):
+        pin_malloc()
     while True:
         cell = conn.recv()
         if cell is None:
@@ -49,7 +52,8 @@ class BlockProcess:
     """Measures cells in a process of their own, a new one each time the block changes."""
 
     def __init__(self, device: torch.device, bench_shape: bool, policy: TimingPolicy, **options: Any) -> None:
-        """``options`` go to every :func:`perfkit.measure.measure_cell` call (``threads``, ``memory_model``)."""
+        """``options`` go to every :func:`perfkit.measure.measure_cell` call (``threads``, ``memory_model``),
+        but ``pin_malloc``, which pins the process's malloc first (:func:`perfkit.machine.pin_malloc`)."""
         self.device = device
         self.bench_shape = bench_shape
         self.policy = policy

@@ -106,6 +106,9 @@ def test_run_writes_every_field(tmp_path):
         record = Record.from_dict(info)
         assert record.status == "ok" and record.device == device
         assert record.samples_per_s and record.peak_memory_bytes and record.flops_per_step and record.rel_error < 1e-4
+        # The allocator the cell ran with, and how many pages its rounds faulted in.
+        assert record.machine_load["malloc"].startswith(("glibc, pinned by perfkit", "the C library's default"))
+        assert record.machine_load["minor_faults_per_round"] >= 0
         # pytest-benchmark stored exactly the record's rounds: the synchronized step times.
         assert bench["stats"]["data"] == record.times_s
         assert bench["stats"]["rounds"] == record.rounds

@@ -189,7 +189,8 @@ def test_busy_machine_is_flagged_and_paired_ratio_holds(conv_block):
             loop.wait()
     assert record.status == "ok", record.reason
     assert record.contended, record.machine_load
-    assert record.machine_load["others_busy_cores"] > 0.5 * cores
+    # One busy loop per core beside this cell's threads: each side gets about half of every core.
+    assert record.machine_load["others_busy_cores"] > 0.4 * cores
     if record.machine_load["runqueue_wait_s"] is not None:
         assert "waited" in record.machine_load["contended_reason"]  # its threads queued for a core
     assert 0.9 <= record.speedup_vs_eager <= 1.1, (record.speedup_vs_eager, record.machine_load)
@@ -276,3 +277,33 @@ def test_a_kernel_variant_is_timed_beside_eager(monkeypatch):
     assert record.speedup_ci_low <= record.speedup_vs_eager <= record.speedup_ci_high
     assert 0.8 <= record.speedup_vs_eager <= 1.25, record.speedup_vs_eager
     assert record.machine_load["threads"] == 1 and isinstance(record.contended, bool)
+
+
+PAGE_FAULT_PROBE = """
+import sys, torch
+from perfkit.machine import minor_faults, pin_malloc
+from perfkit.registry import get_entry
+policy = pin_malloc()
+entry = get_entry("bottleneck")
+model, x = entry.create().eval(), entry.example_input(8)
+with torch.inference_mode():
+    for _ in range(10):
+        model(x)
+    before = minor_faults()
+    for _ in range(50):
+        model(x)
+print(policy)
+print((minor_faults() - before) / 50)
+"""
+
+
+def test_pinned_malloc_keeps_a_fresh_process_from_faulting_every_step():
+    """A fresh process running only inference: with glibc's moving thresholds each bottleneck step mapped
+    ~775 pages in again (1.4 ms against 0.41 ms); pinned, a step maps none and the cell times the same
+    whatever ran before it. Measured in its own process, since pinning lasts for the process."""
+    result = subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    policy, faults = result.stdout.strip().splitlines()[-2:]
+    if not policy.startswith("glibc"):
+        pytest.skip(f"malloc not pinned here: {policy}")
+    assert float(faults) < 20, (policy, faults)
