@@ -329,7 +329,7 @@ def measure_kernel(kernel: str, variant: str, mode: str, dtype: str, layout: str
             step_time_p20_s=quantile(times, 0.2), step_time_p80_s=quantile(times, 0.8),
             step_time_cv=statistics.stdev(times) / statistics.fmean(times) if len(times) > 1 else None,
             step_time_ci_rel=ci if ci != float("inf") else None, noise_bound_rel=policy.target_ci_rel,
-            step_time_repeat_rel=repeat_interval_rel(times),
+            step_time_repeat_rel=repeat_interval_rel(times, device_type=device.type),
             timing_stop=stop_reason(max(ci, median_ci_rel(eager_times) if eager_times else 0.0), len(times),
                                     sum(times) + sum(eager_times), policy),
             noisy=not ci <= policy.target_ci_rel, samples_per_s=shape[0] / median,

@@ -2,7 +2,7 @@
 
 Cells of the two runs are matched by their parameters (kind, block, variant, mode, dtype, batch) and their
 device. For each timed pair: the ratio of median step times NEW/BASE with a bootstrap confidence interval
-from the stored rounds, a Mann-Whitney U p-value (normal approximation, as asv uses a rank test), and a
+from the stored rounds, widened to the records' repeat intervals (:func:`repeat_interval`), a Mann-Whitney U p-value (normal approximation, as asv uses a rank test), and a
 verdict against the threshold band ``[1/(1+t), 1+t]``, symmetric in log space as asv's ``--factor`` is:
 
 - ``slower`` (a regression): the whole interval above ``1+t``;
@@ -99,6 +99,17 @@ def mann_whitney_p(base_s: Sequence[float], new_s: Sequence[float]) -> float:
         return 1.0
     z = (abs(u - n1 * n2 / 2) - 0.5) / math.sqrt(variance)  # 0.5: continuity correction
     return float(math.erfc(max(z, 0.0) / math.sqrt(2)))
+
+
+def repeat_interval(ratio: float, low: float, high: float, base: Record, new: Record) -> tuple[float, float]:
+    """The NEW/BASE interval a verdict may trust: the rounds' bootstrap ``[low, high]``, widened to the
+    larger of the two records' repeat intervals (``step_time_repeat_rel``). The bootstrap speaks of these
+    two runs' rounds only; two runs in fresh processes differ by more (README, "What the intervals mean")."""
+    repeats = [r.step_time_repeat_rel for r in (base, new) if r.step_time_repeat_rel]
+    if not repeats:
+        return low, high
+    widest = max(repeats)
+    return min(low, ratio / (1 + widest)), max(high, ratio * (1 + widest))
 
 
 def verdict(low: float, high: float, threshold: float) -> str:
@@ -222,7 +233,7 @@ def compare_records(base: list[Record], new: list[Record], *, threshold: float =
         _compare_counters(label, b, n, comparison.findings)
         if b.status == n.status == "ok" and b.times_s and n.times_s:
             base_median, new_median = float(np.median(b.times_s)), float(np.median(n.times_s))
-            low, high = bootstrap_ratio_ci(b.times_s, n.times_s)
+            low, high = repeat_interval(new_median / base_median, *bootstrap_ratio_ci(b.times_s, n.times_s), b, n)
             if b.contended or n.contended:
                 judged = "contended"
             elif b.threads is not None and n.threads is not None and b.threads != n.threads:
