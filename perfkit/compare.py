@@ -166,6 +166,12 @@ class Comparison:
     unmatched_new: list[str] = field(default_factory=list)
 
     @property
+    def common_shift(self) -> float | None:
+        """The median NEW/BASE ratio over the judged cells (None without any): how far the whole run moved."""
+        ratios = [t.ratio for t in self.timings if t.verdict not in ("contended", "threads")]
+        return float(np.median(ratios)) if ratios else None
+
+    @property
     def regressions(self) -> list[str]:
         """Labels of every regression: slower cells, counters that rose, cells that stopped working."""
         return [t.label for t in self.timings if t.verdict == "slower"] + [
@@ -260,12 +266,23 @@ VERDICT_TEXT = {"slower": "SLOWER (regression)", "faster": "faster", "unchanged"
                 "threads": "threads differ: not judged"}
 
 
+COMMON_SHIFT_MIN_CELLS = 8
+"""A run-wide shift is only told apart from a few cells' changes where there are this many cells."""
+
+
 def _summary(c: Comparison) -> str:
     counts = {v: sum(t.verdict == v for t in c.timings) for v in VERDICT_TEXT}
     text = (f"{len(c.timings)} timed cells compared at ±{c.threshold:.0%}: " + ", ".join(
         f"{n} {VERDICT_TEXT[v]}" for v, n in counts.items() if n) + ".")
     regressions = c.regressions
-    return text + (f" {len(regressions)} regression(s)." if regressions else " No regression.")
+    text += f" {len(regressions)} regression(s)." if regressions else " No regression."
+    shift = c.common_shift
+    if shift is not None and len(c.timings) >= COMMON_SHIFT_MIN_CELLS and \
+            not 1 / (1 + c.threshold) <= shift <= 1 + c.threshold:
+        text += (f" The median cell moved by x{shift:.3f}: when every cell moves alike, the machine's speed "
+                 "(another tenant, its clock) is a likelier cause than the code; time both commits side by "
+                 "side (back-to-back runs on the same machine) before believing it.")
+    return text
 
 
 def render(c: Comparison, fmt: str = "markdown") -> str:

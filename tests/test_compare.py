@@ -242,3 +242,21 @@ def test_threshold_parsing():
     for bad in ("x", "-5%", "0"):
         with pytest.raises(ValueError, match="threshold"):
             parse_threshold(bad)
+
+
+def test_a_run_wide_shift_is_told_apart_from_a_cells_change():
+    from perfkit.compare import compare_records, render
+    from perfkit.record import Record
+
+    device = {"type": "cpu", "name": "AMD EPYC", "cores": 2, "isa": "avx2"}
+
+    def run(factor_of) -> list[Record]:
+        return [Record(block=f"b{i}", variant="eager", mode="inference", dtype="float32", batch=8, status="ok",
+                       device=device, times_s=[1e-3 * factor_of(i) * (1 + 0.001 * k) for k in range(20)])
+                for i in range(10)]
+
+    base = run(lambda i: 1.0)
+    everything = render(compare_records(base, run(lambda i: 1.3)), "text")
+    assert "10 SLOWER (regression)" in everything and "The median cell moved by x1.300" in everything
+    one_cell = render(compare_records(base, run(lambda i: 1.5 if i == 0 else 1.0)), "text")
+    assert "1 SLOWER (regression)" in one_cell and "median cell moved" not in one_cell
