@@ -6,9 +6,9 @@ file where ``perfkit report`` reads it (``make bench-gpu`` does).
 
 import pytest
 
-from perfkit.ceilings import measure_ceilings, write_ceilings
-from perfkit.device import device_identity
-from perfkit.report import device_slug
+from perfkit.env.ceilings import measure_ceilings, write_ceilings
+from perfkit.env.device import device_identity
+from perfkit.results.report import device_slug
 
 
 def test_ceilings(perfkit_matrix) -> None:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from perfkit.device import device_identity
-from perfkit.machine import LoadMonitor, minor_faults
+from perfkit.env.device import device_identity
+from perfkit.env.machine import LoadMonitor, minor_faults
 from perfkit.measure import (
     BenchmarkRounds,
     PairRunner,

@@ -49,8 +49,8 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from perfkit.report import build_reports, load_results
-    from perfkit.shard import check_shard_results
+    from perfkit.matrix.shard import check_shard_results
+    from perfkit.results.report import build_reports, load_results
 
     # issue 14: shards merge here; a cell two shards measured on different devices of one name is refused.
     for warning in check_shard_results([load_results(p) for p in args.results]):
@@ -65,7 +65,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    from perfkit.report import BASELINE_DIR, DEFAULT_OUTPUT
+    from perfkit.results.report import BASELINE_DIR, DEFAULT_OUTPUT
 
     p = sub.add_parser("report", help="per-device README, summary.csv and plots from benchmark results, "
                        "compared with the committed report of the same device")
@@ -83,7 +83,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from perfkit.compare import parse_threshold, run_compare
+    from perfkit.results.compare import parse_threshold, run_compare
 
     status, text = run_compare(args.base, args.new, threshold=parse_threshold(args.threshold),
                                cross_device=args.allow_cross_device, fmt=args.format)
@@ -104,8 +104,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from perfkit.compare import parse_threshold
-    from perfkit.history import run_history
+    from perfkit.results.compare import parse_threshold
+    from perfkit.results.history import run_history
 
     status, text = run_history(args.storage, device=args.device, cells=args.cells,
                                threshold=parse_threshold(args.threshold), out_dir=args.output)
@@ -114,7 +114,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _add_history(sub: argparse._SubParsersAction) -> None:
-    from perfkit.history import DEFAULT_STORAGE
+    from perfkit.results.history import DEFAULT_STORAGE
 
     p = sub.add_parser("history", help="each cell's median over stored runs by commit: steps, drift, plots; "
                        "exit 1 when the latest run sits on a regression step")
@@ -130,7 +130,7 @@ def _add_history(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from perfkit.gate import check_baseline, default_baseline_path, write_baseline
+    from perfkit.baseline import check_baseline, default_baseline_path, write_baseline
 
     path = args.path or default_baseline_path()
     if args.write:
@@ -167,8 +167,13 @@ def _shape(text: str) -> tuple[int, ...]:
 def _cmd_memory(args: argparse.Namespace) -> int:
     import json
 
-    from perfkit.device import check_batch
-    from perfkit.memory_model import MemoryModelUnavailable, default_prediction_device, predict_step_memory, render
+    from perfkit.env.device import check_batch
+    from perfkit.measure.memory_model import (
+        MemoryModelUnavailable,
+        default_prediction_device,
+        predict_step_memory,
+        render,
+    )
 
     check_batch(args.batch)
     try:
@@ -224,7 +229,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _cmd_launch(args: argparse.Namespace) -> int:
     import torch
 
-    from perfkit.launch import launch
+    from perfkit.matrix.launch import launch
 
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     gpus = list(range(torch.cuda.device_count())) if args.executor == "local" and torch.cuda.is_available() else None

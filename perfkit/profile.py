@@ -209,8 +209,8 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
     Writes ``<out_dir>/<name>-<variant>-<mode>/`` (the trace, and ``top_operators.md`` beside it) and
     returns where. Raises ValueError when the variant cannot run on the device, with the reason.
     """
-    from perfkit.device import check_batch, resolve_device
-    from perfkit.memory import native_stderr_silenced
+    from perfkit.env.device import check_batch, resolve_device
+    from perfkit.measure.memory import native_stderr_silenced
     from perfkit.registry import get_entry
     from perfkit.variants import MODES, parse_variant
 

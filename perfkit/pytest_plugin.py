@@ -35,7 +35,7 @@ option                      environment          meaning
                                                  env ``PERFKIT_MEMORY_MODEL``
 ``--perfkit-malloc``        ``PERFKIT_MALLOC``   ``pinned`` (glibc's mmap and trim thresholds fixed before
                                                  the first cell, so no cell's allocator depends on what
-                                                 ran before it; ``perfkit.machine.pin_malloc``) or
+                                                 ran before it; ``perfkit.env.machine.pin_malloc``) or
                                                  ``default`` (glibc's moving thresholds)
 ==========================  ===================  ==========================================================
 
@@ -85,10 +85,9 @@ import pytest
 import torch
 
 import perfkit
-from perfkit.device import default_device, device_identity
-from perfkit.machine import available_cores, default_threads, pin_malloc
-from perfkit.measure import MEMORY_MODELS, QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
-from perfkit.plan import (
+from perfkit.env.device import default_device, device_identity
+from perfkit.env.machine import available_cores, default_threads, pin_malloc
+from perfkit.matrix.plan import (
     CEILINGS_S,
     OTHER_TEST_S,
     CellCost,
@@ -97,11 +96,12 @@ from perfkit.plan import (
     format_plan,
     session_s,
 )
+from perfkit.matrix.shard import assign_shards, parse_shard
+from perfkit.matrix.workers import WORKER_GPU_KEY, BlockProcess, visible_gpus, worker_gpu
+from perfkit.measure import MEMORY_MODELS, QUICK_POLICY, BenchmarkRounds, GroupCache, TimingPolicy, measure_cell
 from perfkit.record import Record, append_jsonl
 from perfkit.registry import ENTRY_POINT_GROUP, IMPORT_ENV, import_modules, plugin_errors
-from perfkit.shard import assign_shards, parse_shard
 from perfkit.variants import MODES, parse_variant
-from perfkit.workers import WORKER_GPU_KEY, BlockProcess, visible_gpus, worker_gpu
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class MatrixConfig:
     isolate: bool = False
     xdist_worker: bool = False
     threads: int | None = None
-    """None: :func:`perfkit.machine.default_threads`, judged when the first cell is about to run."""
+    """None: :func:`perfkit.env.machine.default_threads`, judged when the first cell is about to run."""
     memory_model: str = "auto"
     malloc: str = "pinned"
     records: list[Record] = field(default_factory=list)
@@ -292,8 +292,8 @@ class MatrixConfig:
 
     def before_cell(self) -> int:
         """Set the process up for the cells, once, and return the intra-op threads every cell runs with:
-        ``--perfkit-threads``, else judged before the first cell (:func:`perfkit.machine.default_threads`).
-        glibc's malloc thresholds are pinned (:func:`perfkit.machine.pin_malloc`) unless
+        ``--perfkit-threads``, else judged before the first cell (:func:`perfkit.env.machine.default_threads`).
+        glibc's malloc thresholds are pinned (:func:`perfkit.env.machine.pin_malloc`) unless
         ``--perfkit-malloc default``."""
         if self.malloc == "pinned":
             pin_malloc()

@@ -65,7 +65,7 @@ class Record:
     contended: bool | None = None
     """Other processes took the cores (or GPU) this cell ran on: its figures are kept, never ranked."""
     machine_load: dict[str, Any] | None = None
-    """What the machine was doing from warm-up to the last round (perfkit.machine): load average and runnable tasks
+    """What the machine was doing from warm-up to the last round (perfkit.env.machine): load average and runnable tasks
     before and after, other processes' busy cores, process CPU time and wall time, threads, affinity."""
     threads: int | None = None
     """torch's intra-op threads the cell ran with."""
@@ -94,7 +94,7 @@ class Record:
     peak_memory_rise_bytes: int | None = None
     memory_method: str | None = None
     predicted_peak_bytes: int | None = None
-    """The memory model's peak for the step (``perfkit.memory_model``): tensor storages only, no library
+    """The memory model's peak for the step (``perfkit.measure.memory_model``): tensor storages only, no library
     workspaces; the same on every machine. Set against ``peak_memory_bytes`` it checks the model."""
     predicted_peak_rise_bytes: int | None = None
     """The predicted peak above what was live before the step; compare with ``peak_memory_rise_bytes``."""

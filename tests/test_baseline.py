@@ -1,4 +1,4 @@
-"""The CI counter gate (``perfkit.gate``): FLOPs, parameters and the memory model's per-category peaks of the
+"""The CI counter gate (``perfkit.baseline``): FLOPs, parameters and the memory model's per-category peaks of the
 quick profile against the committed ``benchmarks/baselines/cpu-quick-counters.json``, identical on every machine.
 Refresh on purpose with ``perfkit baseline --write``."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from perfkit.gate import (
+from perfkit.baseline import (
     BASELINE_PATH,
     BASELINE_SCHEMA,
     BASELINE_VARIANTS,
@@ -71,7 +71,7 @@ def test_gated_figures_do_not_depend_on_threads_or_onednn(name, variant, mode):
 
 def test_gated_figures_do_not_depend_on_the_isa():
     """oneDNN reads ONEDNN_MAX_CPU_ISA once per process: each ISA cap runs in a fresh interpreter."""
-    code = ("import json; from perfkit.gate import cell_counters; "
+    code = ("import json; from perfkit.baseline import cell_counters; "
             "print(json.dumps(cell_counters('d2l_resnet18', 'eager', 'training', 8)))")
     figures = []
     for isa in ("AVX2", "AVX512_CORE"):
@@ -132,7 +132,8 @@ def test_write_never_creates_folders(tmp_path):
 
 def test_an_installed_wheel_asks_for_a_path(monkeypatch, tmp_path, capsys):
     """From site-packages there is no benchmarks/ folder: `perfkit baseline` says to pass --path, exit 2."""
-    from perfkit import cli, gate
+    from perfkit import baseline as gate
+    from perfkit import cli
 
     monkeypatch.setattr(gate, "BASELINE_PATH", tmp_path / "site-packages" / "benchmarks" / "baselines" / "c.json")
     assert cli.main(["baseline", "--write"]) == 2

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from perfkit.cli import main
-from perfkit.compare import bootstrap_ratio_ci, mann_whitney_p, verdict
+from perfkit.results.compare import bootstrap_ratio_ci, mann_whitney_p, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEP_PLUGIN = """
@@ -236,7 +236,7 @@ def test_unmatched_cells_are_listed(runs, tmp_path, capsys):
 
 
 def test_threshold_parsing():
-    from perfkit.compare import parse_threshold
+    from perfkit.results.compare import parse_threshold
 
     assert parse_threshold("5%") == pytest.approx(0.05) and parse_threshold("0.1") == pytest.approx(0.1)
     for bad in ("x", "-5%", "0"):
@@ -245,8 +245,8 @@ def test_threshold_parsing():
 
 
 def test_a_run_wide_shift_is_told_apart_from_a_cells_change():
-    from perfkit.compare import compare_records, render
     from perfkit.record import Record
+    from perfkit.results.compare import compare_records, render
 
     device = {"type": "cpu", "name": "AMD EPYC", "cores": 2, "isa": "avx2"}
 

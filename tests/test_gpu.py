@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from perfkit import gpu
-from perfkit.ceilings import measure_ceilings, write_ceilings
-from perfkit.gpu import ClockMonitor, DeviceClockRounds
+from perfkit.env import gpu
+from perfkit.env.ceilings import measure_ceilings, write_ceilings
+from perfkit.env.gpu import ClockMonitor, DeviceClockRounds
 from perfkit.measure import BenchmarkRounds, SyncedStep, TimingPolicy, adaptive_rounds, clock_rounds, measure_cell
 
 CYCLES_PER_S = 1e9
@@ -245,7 +245,7 @@ def _wall_rounds(fn, n: int) -> list[float]:
 
 
 def test_ceilings_are_work_over_median_time_and_the_report_reads_them(tmp_path) -> None:
-    from perfkit.report import read_ceilings
+    from perfkit.results.report import read_ceilings
 
     # On the CPU with a host clock: the bookkeeping only (the benchmark measures them on a GPU).
     ceilings = measure_ceilings("cpu", copy_bytes=2**22, matmul_n=64, rounds=3, time_rounds=_wall_rounds)

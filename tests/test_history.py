@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from perfkit.cli import main
-from perfkit.history import Point, analyse, median_interval
+from perfkit.results.history import Point, analyse, median_interval
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_RUN = next((REPO / "reports").glob("cpu-*/bench.json"))

@@ -28,7 +28,7 @@ from perfkit.kernels import dense  # noqa: E402
 
 from perfkit.blocks.densenet import DenseBlock  # noqa: E402
 from perfkit.fused.dense import FusedDenseBlock  # noqa: E402
-from perfkit.memory import cpu_step_memory  # noqa: E402
+from perfkit.measure.memory import cpu_step_memory  # noqa: E402
 from perfkit.testing import REL_TOLERANCE, assert_close, dtype_name, relative_error  # noqa: E402
 
 LAYOUTS = ("nchw", "channels_last")
@@ -387,7 +387,7 @@ def _curvature(figures: list[int]) -> tuple[float, float]:
 def test_training_memory_is_linear_in_depth(bottleneck: bool) -> None:
     """Reference activation memory grows quadratically in depth, the fused block's linearly.
 
-    Two figures per depth L = 2, 4, 8, for both blocks, from ``perfkit.memory.cpu_step_memory``:
+    Two figures per depth L = 2, 4, 8, for both blocks, from ``perfkit.measure.memory.cpu_step_memory``:
 
     * kept: bytes live between forward and backward (the output plus everything saved for backward).
       The reference keeps each layer's concat and normalized concat (sum of C_l: quadratic); the fused

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import perfkit.measure as measure
+import perfkit.measure.cell as measure
 from perfkit import registry
-from perfkit.device import device_identity
+from perfkit.env.device import device_identity
 from perfkit.measure import (
     TimingPolicy,
     adaptive_rounds,
@@ -22,7 +22,7 @@ from perfkit.measure import (
     stop_reason,
     warm_up,
 )
-from perfkit.memory import METHOD
+from perfkit.measure.memory import METHOD
 from perfkit.record import Record
 from perfkit.testing import ACCURACY_FLOOR, ACCURACY_MULTIPLIER, EAGER_SANITY_TOLERANCE, REL_TOLERANCE
 

@@ -1,4 +1,4 @@
-"""The tensor-level memory model (``perfkit.memory_model``), ``perfkit memory``, and the plan a cell makes
+"""The tensor-level memory model (``perfkit.measure.memory_model``), ``perfkit memory``, and the plan a cell makes
 from it before allocating: predicted OOM and the correctness gate's batch."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from perfkit import cli, memory_model
-from perfkit.measure import QUICK_POLICY, TimingPolicy, measure_cell, step_counts
-from perfkit.memory_model import CATEGORIES, plan_cell_memory, predict_step_memory
+from perfkit import cli
+from perfkit.measure import QUICK_POLICY, TimingPolicy, measure_cell, memory_model, step_counts
+from perfkit.measure.memory_model import CATEGORIES, plan_cell_memory, predict_step_memory
 from perfkit.registry import Entry, get_entry
 
 FAST = TimingPolicy(min_rounds=6, max_rounds=12, max_time_s=0.2, warmup_batch_s=0.005, warmup_max_s=0.05)
@@ -143,7 +143,7 @@ def test_a_quiet_machine_gates_at_the_timed_batch():
 
 
 def test_no_usdt_line_reaches_the_user():
-    code = ("from perfkit.memory import cpu_step_memory; import torch; "
+    code = ("from perfkit.measure.memory import cpu_step_memory; import torch; "
             "cpu_step_memory(lambda: torch.ones(8) * 2); print('done')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "done"

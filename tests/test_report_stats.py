@@ -9,7 +9,7 @@ import pytest
 
 from perfkit.cli import main
 from perfkit.record import Record, append_jsonl
-from perfkit.report import (
+from perfkit.results.report import (
     best_variants,
     bytes_moved_lower_bound,
     device_slug,

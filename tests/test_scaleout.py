@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from perfkit.cli import main
+from perfkit.matrix.shard import assign_shards, check_shard_results, parse_shard
+from perfkit.matrix.workers import BlockProcess, worker_gpu
 from perfkit.measure import QUICK_POLICY
 from perfkit.record import Record, append_jsonl, read_jsonl
-from perfkit.shard import assign_shards, check_shard_results, parse_shard
-from perfkit.workers import BlockProcess, worker_gpu
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ("--perfkit-blocks=basic,wrc", "--perfkit-variants=eager,channels_last", "--perfkit-modes=inference",
@@ -144,7 +144,7 @@ def test_isolated_run_yields_the_serial_cells_and_stores_their_rounds(serial_run
 def test_two_shards_through_submitit_yield_the_serial_cells(serial_run: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("submitit", reason="submitit is not installed (pip install -e '.[cluster]')")
-    from perfkit.launch import launch
+    from perfkit.matrix.launch import launch
 
     for key in [k for k in os.environ if k.startswith("PERFKIT_")]:
         monkeypatch.delenv(key)
@@ -183,7 +183,7 @@ def test_report_refuses_one_cell_from_two_devices_of_one_name(tmp_path: Path,
 
 
 def test_shard_merge_keeps_a_rerun_on_the_same_device_and_names_missing_shards(tmp_path: Path) -> None:
-    from perfkit.report import load_results
+    from perfkit.results.report import load_results
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     append_jsonl(a, _record("1/3", driver="570.1"))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from perfkit import registry
-from perfkit.machine import LoadMonitor, available_cores
+from perfkit.env.machine import LoadMonitor, available_cores
 from perfkit.measure import (
     GroupCache,
     TimingPolicy,
@@ -21,9 +21,9 @@ from perfkit.measure import (
     adaptive_rounds,
     clock_rounds,
     measure_cell,
-    paired_ratio_ci,
     median_ci_rel,
     pair_block,
+    paired_ratio_ci,
     paired_rounds,
     repeat_interval_rel,
     stop_reason,
@@ -151,7 +151,7 @@ def test_a_step_that_sleeps_is_not_waiting_for_a_core():
 
 
 def test_variants_share_the_groups_reference_and_eager(conv_block, monkeypatch):
-    import perfkit.measure as measure
+    import perfkit.measure.cell as measure
 
     calls = []
     real = measure._reference
@@ -281,7 +281,7 @@ def test_a_kernel_variant_is_timed_beside_eager(monkeypatch):
 
 PAGE_FAULT_PROBE = """
 import sys, torch
-from perfkit.machine import minor_faults, pin_malloc
+from perfkit.env.machine import minor_faults, pin_malloc
 from perfkit.registry import get_entry
 policy = pin_malloc()
 entry = get_entry("bottleneck")

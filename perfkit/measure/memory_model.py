@@ -22,7 +22,7 @@ category                what
 Because no kernel runs, nothing the machine chooses enters the figures: not oneDNN's or cuDNN's scratch
 space (it depends on the ISA, the thread count and the algorithm picked), not the caching allocator's
 blocks. For a given torch version, entry, variant, mode and batch the prediction is the same on every
-machine, which is what a CI gate needs (``perfkit.gate``). What it leaves out is exactly what separates
+machine, which is what a CI gate needs (``perfkit.baseline``). What it leaves out is exactly what separates
 it from a measured peak: library workspaces and allocator rounding beyond 512-byte blocks on CUDA.
 
 ``compile`` variants are predicted as the eager module they compile (the tracker cannot see inside an

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from perfkit.record import Record
-from perfkit.report import ResultsError, device_slug, load_results
+from perfkit.results.report import ResultsError, device_slug, load_results
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_STORAGE = ".benchmarks"

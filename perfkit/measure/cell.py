@@ -15,7 +15,7 @@ The order of work in a cell, and why:
 3. **Warm-up until steady**: batches of steps until two consecutive batches agree on the time per step
    within a few percent (or a time cap).
 4. **Memory** on one separate step: on a GPU the allocator's peak after a reset; on the CPU, where the
-   allocator keeps no peak, the profiler's allocator events (``perfkit.memory``).
+   allocator keeps no peak, the profiler's allocator events (``perfkit.measure.memory``).
 5. **Timing, adaptive and paired**: rounds of one step each, each ending in a device synchronization,
    added in growing chunks until the distribution-free 95% confidence interval of the median is within a
    target (±2% by default), a round/time cap is reached, or (past half the time) the target is out of
@@ -23,7 +23,7 @@ The order of work in a cell, and why:
    This is nvbench's stopping rule on the median rather than the mean (a GPU's step times are skewed by
    rare slow rounds). A variant's rounds are interleaved with the group's warm eager, one eager round
    before each (``speedup_vs_eager`` with a paired-bootstrap interval), and the machine's load over them
-   is read (``perfkit.machine``: ``contended``, ``machine_load``). ``torch.utils.benchmark``'s
+   is read (``perfkit.env.machine``: ``contended``, ``machine_load``). ``torch.utils.benchmark``'s
    ``adaptive_autorange`` is not used because it times blocks of many steps and keeps no per-step times.
 6. **FLOPs** of one step with ``torch.utils.flop_counter`` on the meta device (no arithmetic).
 
@@ -48,15 +48,16 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from perfkit.device import device_identity
-from perfkit.gpu import DeviceClockRounds
-from perfkit.machine import LoadMonitor, minor_faults
-from perfkit.memory import METHOD as CPU_MEMORY_METHOD
-from perfkit.memory import cpu_step_memory
-from perfkit import memory_model as _memory_model
-from perfkit.memory_model import REFERENCE_HEADROOM, MemoryPlan, format_bytes, plan_cell_memory
+from perfkit.env.device import device_identity
+from perfkit.env.gpu import DeviceClockRounds
+from perfkit.env.machine import LoadMonitor, minor_faults
+from perfkit.measure import memory_model as _memory_model
+from perfkit.measure.memory import METHOD as CPU_MEMORY_METHOD
+from perfkit.measure.memory import cpu_step_memory
+from perfkit.measure.memory_model import REFERENCE_HEADROOM, MemoryPlan, format_bytes, plan_cell_memory
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
+from perfkit.stats import REPEAT_FLOOR_REL, median_ci_rel, paired_ratio_ci, quantile, repeat_interval_rel  # noqa: F401
 from perfkit.testing import (
     ACCURACY_FLOOR,
     ACCURACY_MULTIPLIER,
@@ -124,7 +125,7 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 class SyncedStep:
     """One step's work followed by the device's synchronization; calling it runs both.
 
-    The two halves stay apart so a device clock (``perfkit.gpu.DeviceClockRounds``) can record its end
+    The two halves stay apart so a device clock (``perfkit.env.gpu.DeviceClockRounds``) can record its end
     event after the work is queued and before the host waits.
     """
 
@@ -184,28 +185,6 @@ class BenchmarkRounds:
         for duration in times:
             self.benchmark.stats.stats.update(duration)
         return times
-
-
-def median_ci_rel(times: list[float], z: float = 1.96) -> float:
-    """Half-width of the distribution-free ~95% CI of the median over the median (inf under 6 rounds)."""
-    n = len(times)
-    if n < 6:
-        return math.inf
-    data = sorted(times)
-    half = z * math.sqrt(n) / 2
-    lo = max(0, math.floor(n / 2 - half) - 1)
-    hi = min(n - 1, math.ceil(n / 2 + half) - 1)
-    median = statistics.median(data)
-    return (data[hi] - data[lo]) / 2 / median if median > 0 else math.inf
-
-
-def quantile(times: list[float], q: float) -> float:
-    """Linear-interpolated quantile ``q`` in [0, 1]."""
-    data = sorted(times)
-    pos = q * (len(data) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def warm_up(step: Callable[[], None], policy: TimingPolicy) -> tuple[int, float]:
@@ -335,61 +314,6 @@ def adaptive_pairs(run_pairs: PairRunner, policy: TimingPolicy) -> tuple[list[fl
         ci = max(median_ci_rel(times), median_ci_rel(baseline))
         chunk = _next_chunk(ci, len(times), sum(times) + sum(baseline), policy)
     return times, baseline
-
-
-def paired_ratio_ci(baseline: list[float], times: list[float], resamples: int = 2000,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """(median over pairs of ``baseline[i] / times[i]``, its 2.5% and 97.5% bootstrap bounds over pairs).
-
-    The ratio is taken within each pair, then the median across pairs: a pair's two rounds ran back to
-    back under the same load, so their ratio is what pairing protects. The ratio of the two medians (the
-    dynamo harness's) is not: on a 2-core CPU with busy loops beside it, rounds are either ~0.2 ms or
-    ~400 ms (an OpenMP barrier waiting out scheduler slices), the two medians can land in different modes,
-    and eager against itself read 449x; the median of pair ratios read 1.01-1.04 in the same runs.
-    Deterministic (fixed ``seed``).
-    """
-    if len(baseline) != len(times) or not times:
-        raise ValueError(f"paired rounds must have equal, non-zero lengths; got {len(baseline)} and {len(times)}")
-    ratios = torch.tensor(baseline, dtype=torch.float64) / torch.tensor(times, dtype=torch.float64)
-    ratio = statistics.median(ratios.tolist())
-    index = torch.randint(len(times), (resamples, len(times)), generator=torch.Generator().manual_seed(seed))
-    boot = ratios[index].quantile(0.5, dim=1)
-    low, high = boot.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return ratio, min(low, ratio), max(high, ratio)
-
-
-REPEAT_FLOOR_REL = {"cpu": 0.07, "cuda": 0.03}
-"""Part of a fresh repeat's deviation that one run cannot see (memory placement, the allocator's state,
-the machine's load), added to the interval a record states for a repeat, by device type.
-
-CPU, calibrated on the 2-core CPU. A repeat in a fresh process (three ``make bench`` runs back to back,
-quiet, 42 cells, 252 ordered pairs): the interval held the other runs' medians 82% of the time with a
-floor of 0.03, 91% with 0.05, 95% with 0.07, 99% with 0.10. A repeat in the same process
-(tests/test_timing.py's repeat test, 4 cells x 5 repeats, 1 thread, load average 8-9): 63 of 80 with no
-floor, 74 with 0.03, 78 with 0.05; the within-run CI alone, 43 of 80.
-
-CUDA: not calibrated (no GPU was lent while this was written); 0.03 is a prior from the CPU's in-process
-repeats, to be replaced by the same cross-process measurement on a GPU."""
-
-
-def repeat_interval_rel(times: list[float], segments: int = 3, device_type: str = "cpu") -> float | None:
-    """Half-width, over the median, of the interval that should hold a fresh repeat's median (~95%).
-
-    The within-run CI of the median (:func:`median_ci_rel`) assumes rounds are independent and speaks of
-    this run's median only. A repeat's median differs from this one by both runs' sampling error (√2 × the
-    CI), by slow drift that the rounds' order shows (the spread of the medians of ``segments`` consecutive
-    stretches of rounds), and by what no single run shows (:data:`REPEAT_FLOOR_REL` for ``device_type``).
-    """
-    ci = median_ci_rel(times)
-    if not math.isfinite(ci):
-        return None
-    median = statistics.median(times)
-    size = len(times) // segments
-    drift = 0.0
-    if size >= 3:
-        medians = [statistics.median(times[i * size:(i + 1) * size]) for i in range(segments)]
-        drift = (max(medians) - min(medians)) / median / 2
-    return math.sqrt(2) * ci + drift + REPEAT_FLOOR_REL.get(device_type, REPEAT_FLOOR_REL["cpu"])
 
 
 def tolerance_dtype(variant: Variant, device: torch.device | str) -> str:

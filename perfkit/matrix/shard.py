@@ -1,7 +1,7 @@
 """The matrix in N disjoint shards balanced by estimated cost, and the checks that merge them back.
 
 ``--perfkit-shard K/N`` (1-based K) keeps the cells of shard K. The split is a function of the cell list
-and the cost model's estimates on the reference GPU (``perfkit.plan``) only, never of the machine that
+and the cost model's estimates on the reference GPU (``perfkit.matrix.plan``) only, never of the machine that
 computes it, so every machine of a job array agrees on it: cells in decreasing estimated cost (ties by
 name) each go to the shard with the least estimated total so far (ties to the lowest index), the
 longest-processing-time rule, within 4/3 of the best possible balance.
@@ -46,9 +46,9 @@ def _device_key(record: Record) -> str:
 def check_shard_results(results: Sequence) -> list[str]:
     """Refuse (ValueError) a cell two shard files measured on different devices of one name; warn of gaps.
 
-    ``results`` are ``perfkit.report.Results``. Returns warnings (shards of a K/N split that are absent).
+    ``results`` are ``perfkit.results.report.Results``. Returns warnings (shards of a K/N split that are absent).
     """
-    from perfkit.report import cell_key, device_name
+    from perfkit.results.report import cell_key, device_name
 
     seen: dict[tuple, tuple[str, Record]] = {}
     shards: dict[int, set[int]] = {}

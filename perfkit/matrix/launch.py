@@ -108,8 +108,8 @@ def launch(n: int, executor_kind: str, out_dir: str | Path, reports_dir: str | P
     # under --benchmark-disable); a shard whose cells were all elsewhere has none.
     paths = [r.jsonl_path for r in runs if Path(r.jsonl_path).exists()]
     if paths and reports_dir is not None:
-        from perfkit.report import build_reports, load_results
-        from perfkit.shard import check_shard_results
+        from perfkit.matrix.shard import check_shard_results
+        from perfkit.results.report import build_reports, load_results
 
         for warning in check_shard_results([load_results(p) for p in paths]):
             print(f"perfkit launch: {warning}", file=sys.stderr)

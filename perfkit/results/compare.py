@@ -10,7 +10,7 @@ verdict against the threshold band ``[1/(1+t), 1+t]``, symmetric in log space as
 - ``unchanged``: the whole interval inside the band;
 - ``noisy`` (too noisy to tell): the interval straddles an edge of the band;
 - ``contended`` (not judged): either run's cell was timed while other processes took its cores
-  (``perfkit.machine``): its ratio is shown, and it is never a regression, nor evidence of none;
+  (``perfkit.env.machine``): its ratio is shown, and it is never a regression, nor evidence of none;
 - ``threads`` (not judged): the two cells ran with different intra-op thread counts (a busy machine makes
   the default choose fewer), so the ratio measures the threads, not the change.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from perfkit.record import Record
-from perfkit.report import ResultsError, device_name, device_slug, load_results
+from perfkit.results.report import ResultsError, device_name, device_slug, load_results
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 BOOTSTRAP_RESAMPLES = 2000

@@ -160,7 +160,7 @@ def device_name(device: dict[str, Any]) -> str:
 def device_slug(device: dict[str, Any]) -> str:
     """A folder name that tells machines apart: ``"nvidia-h100-80gb-hbm3-79gib"``, ``"cpu-amd-epyc-2c-avx2"``.
 
-    A GPU is its name and memory; a CPU its model, core count and widest ISA (``perfkit.device.ISA_LEVELS``),
+    A GPU is its name and memory; a CPU its model, core count and widest ISA (``perfkit.env.device.ISA_LEVELS``),
     since two "AMD EPYC" virtual machines may differ in both. Only the hardware counts, never the driver or
     library versions: a regression against last month's torch on the same machine is exactly the comparison
     a report folder exists for. The record keeps the full identity.
@@ -187,7 +187,7 @@ def _complete_cpu_identity(device: dict[str, Any], machine: dict[str, Any]) -> N
     cpu = machine.get("cpu") or {}
     if device.get("type") != "cpu" or "isa" in device or not cpu.get("flags"):
         return
-    from perfkit.device import cpu_isa
+    from perfkit.env.device import cpu_isa
 
     device["isa"] = cpu_isa(cpu["flags"])
     device.setdefault("vendor", cpu.get("vendor_id_raw"))
@@ -228,7 +228,7 @@ Z95 = 1.959964
 
 def _bootstrap_speedup(variant_s: Sequence[float], eager_s: Sequence[float]) -> tuple[float, float]:
     """95% interval of median(eager)/median(variant), each cell's rounds resampled on their own."""
-    from perfkit.compare import bootstrap_ratio_ci
+    from perfkit.results.compare import bootstrap_ratio_ci
 
     return bootstrap_ratio_ci(variant_s, eager_s)
 
@@ -257,7 +257,7 @@ def speedup_interval(record: Record, eager: Record | None) -> tuple[float, float
 
 
 def _memory_exact(record: Record) -> bool:
-    from perfkit.compare import _exact_memory
+    from perfkit.results.compare import _exact_memory
 
     return _exact_memory(record)
 
@@ -268,7 +268,7 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
     ``speedup_vs_eager`` is the cell's speedup over eager (``speedup_interval``) with ``speedup_ci_low`` and
     ``speedup_ci_high``, its 95% interval, and ``speedup_method``. ``memory_ratio_vs_eager`` is the cell's
     peak memory over eager's; its interval is the point itself where the memory method repeats exactly
-    (``perfkit.compare.EXACT_MEMORY_METHODS``) and empty otherwise (one measurement has no interval). All
+    (``perfkit.results.compare.EXACT_MEMORY_METHODS``) and empty otherwise (one measurement has no interval). All
     are empty unless the cell and its eager reference are ``ok``. The flag columns (``FLAGS``) are always
     there, empty where the records do not say.
     """
@@ -1133,7 +1133,7 @@ def compare_with_baseline(slug: str, records: Sequence[Record], baseline_dir: Pa
 
     None where ``baseline_dir/slug`` holds no results JSON (no committed report for this device yet).
     """
-    from perfkit.compare import CompareError, compare_records, render
+    from perfkit.results.compare import CompareError, compare_records, render
 
     folder = baseline_dir / slug
     candidates = sorted([*folder.glob("*.json"), *folder.glob("*.jsonl")]) if folder.is_dir() else []

@@ -7,7 +7,7 @@ recomputes figures that are the same on every machine and compares them exactly 
 - ``flops_per_step``: ``torch.utils.flop_counter`` on the meta device;
 - ``params``: the parameter count;
 - ``predicted_peak_bytes`` and ``predicted_<category>_bytes``: the tensor-level memory model
-  (``perfkit.memory_model``): each category's own peak during a step, run under ``FakeTensorMode``.
+  (``perfkit.measure.memory_model``): each category's own peak during a step, run under ``FakeTensorMode``.
 
 None of them runs a kernel, so none reads what the machine chooses: oneDNN's scratch (which depends on the
 ISA and the thread count), the thread pool, the allocator. A block that starts keeping twice its
@@ -59,7 +59,7 @@ def cell_counters(name: str, variant: str, mode: str, batch: int) -> dict[str, i
     import torch
 
     from perfkit.measure import step_flops
-    from perfkit.memory_model import predict_step_memory
+    from perfkit.measure.memory_model import predict_step_memory
     from perfkit.registry import get_entry
 
     entry = get_entry(name)
@@ -87,7 +87,7 @@ def _gated(name: str, variant: str) -> bool:
 
 def compute_baseline() -> dict:
     """The gated figures of every quick-profile block x ``BASELINE_VARIANTS`` x mode at the profile's batch."""
-    from perfkit.memory_model import METHOD
+    from perfkit.measure.memory_model import METHOD
     from perfkit.variants import MODES
 
     names, batch = quick_profile()

@@ -11,7 +11,7 @@ The model is deliberately simple, and every constant in it is a stated assumptio
   tensor cores), plus the first call.
 * **warm-up** three batches of at least the policy's ``warmup_batch_s``; **memory** one step; **timing**
   twice the policy's ``min_rounds`` (a GPU's step time is steady, so the adaptive rule stops early),
-  each host round paired with a device round (``perfkit.gpu``), capped by ``max_time_s`` per clock.
+  each host round paired with a device round (``perfkit.env.gpu``), capped by ``max_time_s`` per clock.
 * **compile allowance**: :data:`COMPILE_BASE_S` per compiled graph plus :data:`COMPILE_S_PER_OP` per leaf
   module, times :data:`COMPILE_TRAINING_FACTOR` in training (the joint graph and the backward), and once
   per session :data:`COMPILE_FIRST_S` (Inductor's worker pool, Triton's import). First compiles on a

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from perfkit.device import device_identity
-from perfkit.machine import pin_malloc
+from perfkit.env.device import device_identity
+from perfkit.env.machine import pin_malloc
 from perfkit.measure import GroupCache, TimingPolicy, measure_cell
 from perfkit.record import Record
 from perfkit.variants import parse_variant
@@ -53,7 +53,7 @@ class BlockProcess:
 
     def __init__(self, device: torch.device, bench_shape: bool, policy: TimingPolicy, **options: Any) -> None:
         """``options`` go to every :func:`perfkit.measure.measure_cell` call (``threads``, ``memory_model``),
-        but ``pin_malloc``, which pins the process's malloc first (:func:`perfkit.machine.pin_malloc`)."""
+        but ``pin_malloc``, which pins the process's malloc first (:func:`perfkit.env.machine.pin_malloc`)."""
         self.device = device
         self.bench_shape = bench_shape
         self.policy = policy

@@ -1,0 +1,1 @@
+"""The benchmark matrix: profiles, options, the plan, shards, worker processes and launched jobs."""

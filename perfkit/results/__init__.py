@@ -1,0 +1,1 @@
+"""Results: loading records, summaries, reports, comparisons and history."""
