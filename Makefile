@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml Makefile
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
-# The quick profile on the CPU, the full one where a GPU is present (perfkit/pytest_plugin.py lists the
-# options and PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run. The
+# The quick profile on the CPU, the full one where a GPU is present (docs/matrix.md lists the options and
+# PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run. The
 # report goes to $(OUT)/reports and is compared with the committed one in $(REPORTS); nothing tracked changes.
 # Without a GPU the Triton kernels run in the interpreter: their cells are gate-checked, not timed.
 # Each run is also kept in pytest-benchmark's storage ($(STORAGE), ignored by git) for `perfkit history`.
@@ -50,9 +50,9 @@ publish: $(STAMP)
 	@test -f $(OUT)/bench.json || { echo "no $(OUT)/bench.json: run make bench first"; exit 2; }
 	$(PY) -m perfkit report $(OUT)/bench.json --baseline $(REPORTS) --publish
 
-# One call on one H100/H200 (perfkit/plan.py estimates 6.5 minutes; the plan prints first): the gpu-smoke
-# profile, the device's ceilings copied where the report reads them, the report, and one archive of it all
-# to carry off the machine. The report is built even when a cell's test failed.
+# One call on one H100/H200 (docs/scale-out.md; perfkit/matrix/plan.py estimates 6.5 minutes, the plan prints
+# first): the gpu-smoke profile, the device's ceilings copied where the report reads them, the report, and one
+# archive of it all to carry off the machine. The report is built even when a cell's test failed.
 bench-gpu: $(STAMP)
 	@mkdir -p $(OUT) && rm -rf $(OUT)/results.jsonl $(OUT)/ceilings $(OUT)/gpu-smoke.tar.gz
 	-PERFKIT_PROFILE=gpu-smoke $(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json \

@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from perfkit.kernels import dense, wrc  # noqa: E402
+from perfkit.kernels import bn_relu, bn_stats, dense, wrc  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
@@ -124,7 +124,8 @@ class Compiler:
 @contextmanager
 def intercepted(compiler: Compiler, case: str) -> Iterator[None]:
     """Within the block, every kernel launch in perfkit.kernels goes to ``compiler`` instead of a GPU."""
-    kernels = [value for module in (wrc, dense) for value in vars(module).values() if isinstance(value, JITFunction)]
+    kernels = [value for module in (bn_stats, bn_relu, wrc, dense) for value in vars(module).values()
+               if isinstance(value, JITFunction)]
 
     def interceptor(kernel: JITFunction) -> Callable:
         def run(*args, grid, warmup, **kwargs):
@@ -178,7 +179,7 @@ def run_bn_relu(shape: tuple[int, ...], layout: str, dtype: torch.dtype, trainin
     weight, bias, running_mean, running_var = _channel_vectors(c, torch.float32)
     weight.requires_grad_(training)
     bias.requires_grad_(training)
-    y = dense.bn_relu(x, weight, bias, running_mean, running_var, training=training, momentum=MOMENTUM, eps=EPS)
+    y = bn_relu.bn_relu(x, weight, bias, running_mean, running_var, training=training, momentum=MOMENTUM, eps=EPS)
     if training:
         y.backward(torch.empty_like(y))
 

@@ -1,4 +1,4 @@
-"""The device's ceilings (perfkit/ceilings.py), measured in the same run: ``<out>/ceilings/<device>/ceilings.json``.
+"""The device's ceilings (perfkit/env/ceilings.py), measured in the same run: ``<out>/ceilings/<device>/ceilings.json``.
 
 The folder is named as the report names the device's folder, so ``cp -r out/ceilings/. reports/`` puts the
 file where ``perfkit report`` reads it (``make bench-gpu`` does).
@@ -8,7 +8,7 @@ import pytest
 
 from perfkit.env.ceilings import measure_ceilings, write_ceilings
 from perfkit.env.device import device_identity
-from perfkit.results.report import device_slug
+from perfkit.results.load import device_slug
 
 
 def test_ceilings(perfkit_matrix) -> None:

@@ -1,4 +1,4 @@
-"""The matrix: one benchmark per block/network x variant x mode x batch (options: perfkit/pytest_plugin.py)."""
+"""The matrix: one benchmark per block/network x variant x mode x batch (options: docs/matrix.md)."""
 
 
 def test_matrix(perfkit_measure, block: str, variant: str, mode: str, dtype: str, batch: int) -> None:

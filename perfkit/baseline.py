@@ -43,11 +43,11 @@ def default_baseline_path() -> Path:
 
 
 def quick_profile() -> tuple[list[str], int]:
-    """The quick profile's registered blocks and its block batch (``perfkit.pytest_plugin.PROFILES``)."""
+    """The quick profile's registered blocks and its block batch (``perfkit.matrix.profiles.PROFILES``)."""
     import fnmatch
 
     import perfkit
-    from perfkit.pytest_plugin import PROFILES
+    from perfkit.matrix.profiles import PROFILES
 
     profile = PROFILES["quick"]
     names = [n for n in perfkit.list_blocks() if any(fnmatch.fnmatchcase(n, p) for p in profile.blocks)]

@@ -50,9 +50,10 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from perfkit.matrix.shard import check_shard_results
-    from perfkit.results.report import build_reports, load_results
+    from perfkit.results.load import load_results
+    from perfkit.results.report import build_reports
 
-    # issue 14: shards merge here; a cell two shards measured on different devices of one name is refused.
+    # Shards merge here; a cell two shards measured on different devices of one name is refused.
     for warning in check_shard_results([load_results(p) for p in args.results]):
         print(f"perfkit report: {warning}", file=sys.stderr)
     output = args.baseline if args.publish else args.output
@@ -80,6 +81,26 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--copy-gbps", type=float, help="the device's measured copy bandwidth in GB/s, for the "
                    "kernels' fraction of it (default: ceilings.json in the device folder, if any)")
     p.set_defaults(func=_cmd_report)
+
+
+def _cmd_device(args: argparse.Namespace) -> int:
+    from perfkit.results import device_slug, load_results
+
+    # Each distinct device once, in the order the files first name it: a merged run prints one line.
+    slugs = list(dict.fromkeys(device_slug(record.device) for path in args.results
+                               for record in load_results(path).records))
+    if not slugs:
+        print(f"perfkit device: no records in {', '.join(args.results)}", file=sys.stderr)
+        return 2
+    print("\n".join(slugs))
+    return 0
+
+
+def _add_device(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("device", help="print the report folder name of the device the records were measured on "
+                       "(one line per device), e.g. reports/$(perfkit device out/bench.json)/")
+    p.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json) or JSON-lines files")
+    p.set_defaults(func=_cmd_device)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
@@ -229,13 +250,18 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
 def _cmd_launch(args: argparse.Namespace) -> int:
     import torch
 
-    from perfkit.matrix.launch import launch
+    from perfkit.matrix.launch import SlurmOptions, launch, parse_sbatch
 
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     gpus = list(range(torch.cuda.device_count())) if args.executor == "local" and torch.cuda.is_available() else None
-    runs, failures = launch(args.shards, args.executor, args.output, args.reports, benchmarks=args.benchmarks,
-                            pytest_args=pytest_args, timeout_min=args.timeout_min, partition=args.partition,
-                            gpus=gpus)
+    slurm = SlurmOptions(partition=args.partition, gpus=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
+                         account=args.account, qos=args.qos, constraint=args.constraint,
+                         sbatch=parse_sbatch(args.sbatch))
+    try:
+        runs, failures = launch(args.shards, args.executor, args.output, args.reports, benchmarks=args.benchmarks,
+                                pytest_args=pytest_args, timeout_min=args.timeout_min, gpus=gpus, slurm=slurm)
+    except KeyboardInterrupt:  # launch has cancelled the jobs and said so
+        return 130
     for run in runs:
         print(f"shard {run.shard}: pytest exit {run.returncode}; {run.json_path}")
     for failure in failures:
@@ -249,13 +275,27 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("launch", help="run the matrix as N shard jobs (submitit: SLURM or local) and merge them")
     p.add_argument("--shards", type=int, required=True, help="number of shards (jobs)")
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
-                   help="slurm: a job per shard, one GPU each; local: processes on this machine (default: slurm)")
+                   help="slurm: a job per shard, asking for the SLURM options below; local: processes on this "
+                        "machine, one GPU each where there are GPUs (default: slurm)")
     p.add_argument("--benchmarks", default="benchmarks", help="the benchmark folder (default: benchmarks)")
     p.add_argument("-o", "--output", default="out/launch", help="shard results and job logs (default: out/launch)")
     p.add_argument("--reports", default="out/launch/reports", help="the merged report's folder "
                    "(default: out/launch/reports)")
-    p.add_argument("--timeout-min", type=int, default=60, help="each job's time limit in minutes (default: 60)")
-    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--timeout-min", type=int, default=60, help="each job's time limit in minutes, sbatch --time "
+                   "(default: 60)")
+    slurm = p.add_argument_group("SLURM options (--executor slurm; each becomes the sbatch flag named, unset ones "
+                                 "leave the cluster's default)")
+    slurm.add_argument("--partition", help="sbatch --partition")
+    slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per job, sbatch --gpus-per-node=N (default: 1 "
+                       "when the matrix runs on CUDA; 0, no flag, for a --perfkit-device=cpu matrix or when sinfo "
+                       "shows no GPU on the partition's nodes)")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="N", help="sbatch --cpus-per-task=N")
+    slurm.add_argument("--mem", help="memory per job, sbatch --mem (e.g. 16G)")
+    slurm.add_argument("--account", help="sbatch --account")
+    slurm.add_argument("--qos", help="sbatch --qos")
+    slurm.add_argument("--constraint", help="node features, sbatch --constraint (e.g. a100)")
+    slurm.add_argument("--sbatch", action="append", metavar="KEY[=VALUE]", help="any other sbatch option, "
+                       "sbatch --KEY=VALUE (or --KEY); repeatable, e.g. --sbatch reservation=maint --sbatch exclusive")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="after --: options for each shard's pytest, e.g. -- --perfkit-profile=full")
     p.set_defaults(func=_cmd_launch)
@@ -271,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_list(sub)
     _add_report(sub)
+    _add_device(sub)
     _add_compare(sub)
     _add_history(sub)
     _add_baseline(sub)

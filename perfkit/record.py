@@ -56,7 +56,7 @@ class Record:
     """Why the timed rounds ended: target met, a cap, or stopped early because the target was out of reach."""
     speedup_vs_eager: float | None = None
     """Eager's step time over this variant's, from rounds interleaved in this cell: the median over pairs of
-    the ratio within each pair (robust to load that changes between rounds; perfkit.measure.paired_ratio_ci)."""
+    the ratio within each pair (robust to load that changes between rounds; perfkit.stats.paired_ratio_ci)."""
     speedup_ci_low: float | None = None
     """2.5% bound of speedup_vs_eager, bootstrapped over whole pairs of rounds."""
     speedup_ci_high: float | None = None
@@ -111,7 +111,7 @@ class Record:
     grad_rel_error: float | None = None
     """Training cells: relative error of all parameter (and, for blocks, input) gradients, flattened."""
     grad_tolerance: float | None = None
-    # GPU-grade measurement (perfkit/gpu.py) and scale-out (perfkit/shard.py)
+    # GPU-grade measurement (perfkit/env/gpu.py) and scale-out (perfkit/matrix/shard.py)
     device_times_s: list[float] | None = None
     """CUDA: one device-clock round per host round (``times_s``), the step's kernels without launch gaps."""
     device_time_median_s: float | None = None

@@ -43,7 +43,7 @@ EAGER_SANITY_TOLERANCE: dict[str, tuple[float, float]] = {
 implementation, so this only catches a broken harness (or a block planted wrong, 1% off). Worst eager
 float32 errors measured over the registry at the test shapes, batch 8, CPU: output 3.0e-3, gradients
 1.2e-1, both resnet152 training (BatchNorm over batch x 1x1 maps is ill-conditioned: the float64
-reference itself moves that much under float32 rounding); README, "The gate"."""
+reference itself moves that much under float32 rounding); docs/methodology.md, "The correctness gate"."""
 
 ACCURACY_MULTIPLIER = 3.0
 """A float32 variant may be this many times as far from float64 as eager float32 is (PyTorch's dynamo

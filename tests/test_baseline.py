@@ -139,3 +139,13 @@ def test_an_installed_wheel_asks_for_a_path(monkeypatch, tmp_path, capsys):
     assert cli.main(["baseline", "--write"]) == 2
     assert "--path CHECKOUT/benchmarks/baselines/cpu-quick-counters.json" in capsys.readouterr().err
     assert not (tmp_path / "site-packages").exists()
+
+
+def test_the_baseline_check_does_not_load_pytest():
+    """`perfkit baseline` is a plain CLI command: reading the quick profile must not import the pytest plugin."""
+    # Whether the counters still match is test_counters_match_the_committed_baseline's to say; here only the imports.
+    code = ("import sys; from perfkit.cli import main; main(['baseline']); "
+            "print(sorted(m for m in ('pytest', '_pytest') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

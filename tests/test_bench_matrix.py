@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from perfkit.matrix.config import resolve_matrix
+from perfkit.matrix.options import OPTIONS, OptionError, option_values
 from perfkit.record import Record, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,32 +143,20 @@ def test_ids_and_profile_defaults():
     assert len(ids) == len(set(ids))
 
 
-def _conftest():
-    """The matrix plugin module, to call its option resolution without starting pytest."""
-    from perfkit import pytest_plugin
-
-    return pytest_plugin
-
-
-class _Config:
-    """The one pytest.Config method the option resolution uses."""
-
-    def __init__(self, **options: str) -> None:
-        self.options = options
-
-    def getoption(self, name: str):
-        return self.options.get(name.removeprefix("perfkit_"))
+def _resolve(**options: str):
+    """The matrix resolved from command-line ``options`` (by name) and the PERFKIT_* variables, without pytest."""
+    return resolve_matrix(option_values(lambda dest: options.get(dest.removeprefix("perfkit_"))))
 
 
 def test_environment_selects_and_names_are_canonical(monkeypatch):
-    conftest = _conftest()
     for name, value in {"PERFKIT_BLOCKS": "wrc", "PERFKIT_VARIANTS": "bf16+channels_last",
-                        "PERFKIT_MODES": "training", "PERFKIT_BATCHES": "3,5", "PERFKIT_DEVICE": "cpu"}.items():
+                        "PERFKIT_MODES": "training", "PERFKIT_BATCHES": "3,5", "PERFKIT_DEVICE": "cpu",
+                        "PERFKIT_ISOLATE": "1"}.items():
         monkeypatch.setenv(name, value)
-    matrix = conftest._resolve(_Config(modes="inference"))  # an option wins over its variable
+    matrix = _resolve(modes="inference")  # an option wins over its variable
     assert matrix.cells() == [("wrc", "channels_last+bf16", "inference", "bfloat16", 3),
                               ("wrc", "channels_last+bf16", "inference", "bfloat16", 5)]
-    assert matrix.profile_name == "quick" and str(matrix.jsonl) == "out/results.jsonl"
+    assert matrix.profile_name == "quick" and str(matrix.jsonl) == "out/results.jsonl" and matrix.isolate
 
 
 @pytest.mark.parametrize("option, message", [
@@ -179,14 +170,36 @@ def test_environment_selects_and_names_are_canonical(monkeypatch):
     ({"threads": "0"}, "--perfkit-threads '0': give a positive integer"),
     ({"threads": "many"}, "so 1.."),
 ])
-def test_bad_options_are_usage_errors(monkeypatch, option, message):
+def test_bad_options_name_the_valid_values(monkeypatch, option, message):
     for name in ("PERFKIT_BLOCKS", "PERFKIT_VARIANTS", "PERFKIT_MODES", "PERFKIT_PROFILE", "PERFKIT_BATCHES"):
         monkeypatch.delenv(name, raising=False)
-    with pytest.raises(pytest.UsageError) as info:
-        _conftest()._resolve(_Config(device="cpu", **option))
+    with pytest.raises(OptionError) as info:
+        _resolve(device="cpu", **option)
     assert message in str(info.value)
     if "blocks" in option:
         assert "basic" in str(info.value).split("valid names:")[1]
+
+
+def test_a_variable_goes_through_its_options_parser(monkeypatch):
+    """A bad PERFKIT_* value fails as the same value given as the option does."""
+    for name in [k for k in os.environ if k.startswith("PERFKIT_")]:
+        monkeypatch.delenv(name)
+    with pytest.raises(OptionError) as from_option:
+        _resolve(device="cpu", batches="0,2")
+    monkeypatch.setenv("PERFKIT_BATCHES", "0,2")
+    with pytest.raises(OptionError) as from_variable:
+        _resolve(device="cpu")
+    assert str(from_variable.value) == str(from_option.value)
+
+
+def test_pytest_registers_exactly_the_option_table():
+    result = _pytest("--help")
+    assert result.returncode == 0, result.stderr
+    flags = set(re.findall(r"(--perfkit-[a-z-]+)", result.stdout))
+    assert flags == {option.flag for option in OPTIONS}
+    assert len(OPTIONS) == len(flags) and all(option.help and "\n" not in option.help for option in OPTIONS)
+    for option in OPTIONS:
+        assert option.env is None or option.env.startswith("PERFKIT_")
 
 
 def test_a_bad_option_stops_pytest_with_the_valid_names():

@@ -1,6 +1,10 @@
-"""``perfkit list``: every entry with its parameters, FLOPs and input shape; globs, kinds and errors."""
+"""``perfkit list``: every entry with its parameters, FLOPs and input shape; globs, kinds and errors.
+``perfkit device``: the report folder of the records' device."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,7 @@ import torch
 from perfkit.cli import _format_count, main
 from perfkit.measure import step_flops
 from perfkit.registry import create, get_entry, list_blocks
+from perfkit.results import device_slug
 
 
 def _rows(text: str) -> dict[str, list[str]]:
@@ -65,3 +70,29 @@ def test_help_reads_as_plain_text(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "``" not in text and "history" in text and "report" in text
+
+
+def test_device_prints_each_devices_report_folder(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """``perfkit device`` names the folder ``perfkit report`` writes for the records, once per device."""
+    committed = sorted(Path(__file__).resolve().parents[1].glob("reports/*/bench.json"))
+    assert committed, "the committed reports are the test's input"
+    assert main(["device", *map(str, committed), str(committed[0])]) == 0
+    assert capsys.readouterr().out.splitlines() == [path.parent.name for path in committed]
+    # JSON lines: the records' own device (these old records lack the ISA that pytest-benchmark's
+    # machine_info supplies beside them, so their folder name is shorter).
+    records = [bench["extra_info"] for bench in json.loads(committed[0].read_text())["benchmarks"]]
+    lines = tmp_path / "results.jsonl"
+    lines.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main(["device", str(lines)]) == 0
+    assert capsys.readouterr().out == f"{device_slug(records[0]['device'])}\n"
+
+
+def test_device_refuses_what_holds_no_record(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["device", str(empty)]) == 2
+    assert "empty file" in capsys.readouterr().err
+    no_cells = tmp_path / "bench.json"
+    no_cells.write_text(json.dumps({"benchmarks": []}))
+    assert main(["device", str(no_cells)]) == 2
+    assert f"no records in {no_cells}" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from perfkit.testing import (
 
 # Every block, and the networks of the quick profile and d2l's DenseNet (the failing cases), in
 # both modes. The whole registry takes ~6 min on 2 busy CPU cores (VGG's float64 training 30-60 s each):
-# PERFKIT_GATE_ALL=1 runs it (README, "The gate", has its figures).
+# PERFKIT_GATE_ALL=1 runs it (docs/methodology.md, "The correctness gate", has its figures).
 _NETWORKS = {"d2l_resnet18", "d2l_densenet"}
 CASES = [(name, mode) for name in perfkit.list_blocks() for mode in ("inference", "training")
          if os.environ.get("PERFKIT_GATE_ALL") == "1" or get_entry(name).kind == "block" or name in _NETWORKS]
@@ -63,7 +63,7 @@ def test_planted_float32_faults_are_caught_where_eager_is_well_conditioned():
     assert 1e-3 > gate_tolerance("float32", 2e-6)
     assert 2e-2 > gate_tolerance("float32", 6e-7, gradients=True)
     # Even against the worst network eager error measured at batch 8 (resnet152 training), a 2% gradient
-    # fault is 1.9x over the limit only if eager's own error is small; there it is not caught (README).
+    # fault is 1.9x over the limit only if eager's own error is small; there it is not caught (docs/methodology.md).
     assert 2e-2 < gate_tolerance("float32", 1.2e-1, gradients=True)
 
 

@@ -1,7 +1,8 @@
 """The fused kernels as torch.library ops: opcheck, no graph break, autograd's rules, the compiled variants.
 
-The defect tests reproduce what the issue saw (an in-place parameter change before backward, a BatchNorm
-with ``track_running_stats=False``, float64 input, tensors hidden on ``ctx``); each failed before the ops.
+The rules eager PyTorch keeps, each held by the fused blocks too: an in-place parameter change before
+backward raises, a BatchNorm with ``track_running_stats=False`` leaves its buffers alone, float64 input is
+refused with a clear error, and ``saved_tensors_hooks`` see every tensor backward reads.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def test_triton_compile_variants_pass_the_gate(variant: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The four defects.
+# Eager's rules: version counters, untracked statistics, float64, saved-tensor hooks.
 # ----------------------------------------------------------------------------------------------------------
 
 

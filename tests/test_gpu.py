@@ -1,4 +1,4 @@
-"""The device clock, launch_bound and throttling bookkeeping (perfkit/gpu.py), on the CPU.
+"""The device clock, launch_bound and throttling bookkeeping (perfkit/env/gpu.py), on the CPU.
 
 A simulated GPU stands in for CUDA: a virtual host clock, and a stream on which kernels run back to back
 from when they are launched (or when the previous one ends), as a real stream does. With it the tests can
@@ -245,7 +245,7 @@ def _wall_rounds(fn, n: int) -> list[float]:
 
 
 def test_ceilings_are_work_over_median_time_and_the_report_reads_them(tmp_path) -> None:
-    from perfkit.results.report import read_ceilings
+    from perfkit.results.load import read_ceilings
 
     # On the CPU with a host clock: the bookkeeping only (the benchmark measures them on a GPU).
     ceilings = measure_ceilings("cpu", copy_bytes=2**22, matmul_n=64, rounds=3, time_rounds=_wall_rounds)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from perfkit.cli import main
-from perfkit.results.history import Point, analyse, median_interval
+from perfkit.results.history import Point, analyse
+from perfkit.stats import median_interval
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_RUN = next((REPO / "reports").glob("cpu-*/bench.json"))
@@ -66,7 +67,7 @@ def _points(real_run: dict, index: int, factors: list[float], seed: int) -> list
     data = np.asarray(real_run["benchmarks"][index]["stats"]["data"])
     points = []
     for i, factor in enumerate(factors):
-        median, low, high = median_interval(rng.choice(data, data.size) * factor)
+        low, median, high = median_interval(rng.choice(data, data.size) * factor)
         points.append(Point(i, _commit(i), median, low, high))
     return points
 

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 triton = pytest.importorskip("triton")
 
-from perfkit.kernels import dense  # noqa: E402
+from perfkit.kernels import _tiles, bn_relu  # noqa: E402
 
 from perfkit.blocks.densenet import DenseBlock  # noqa: E402
 from perfkit.fused.dense import FusedDenseBlock  # noqa: E402
@@ -43,12 +43,12 @@ def _fresh_seed(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fill every tensor the kernels module allocates with NaN before a kernel writes it."""
-    allocate = dense._alloc
+    allocate = _tiles.allocate
 
     def poisoned(*args, **kwargs):
         return allocate(*args, **kwargs).fill_(float("nan"))
 
-    monkeypatch.setattr(dense, "_alloc", poisoned)
+    monkeypatch.setattr(_tiles, "allocate", poisoned)
 
 
 def _to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -118,7 +118,7 @@ def test_bn_relu_matches_batch_norm_relu(layout: str, dtype: torch.dtype, traini
     norm64 = copy.deepcopy(norm).double().train(training)
     x64 = x.detach().double().requires_grad_(True)
 
-    y = dense.bn_relu(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, training=training,
+    y = bn_relu.bn_relu(x, norm.weight, norm.bias, norm.running_mean, norm.running_var, training=training,
                       momentum=norm.momentum, eps=norm.eps)
     expected = torch.relu(norm64(x64))
     grad = torch.randn(shape, dtype=torch.float64)
@@ -135,17 +135,17 @@ def test_bn_relu_matches_batch_norm_relu(layout: str, dtype: torch.dtype, traini
 
 
 def test_split_reduction_matches_single_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny tiles force many row splits, so the gradient partials run (statistics: kernels.wrc, tested there)."""
-    monkeypatch.setattr(dense, "_tile", lambda x: (16, 4))
+    """Tiny tiles force many row splits, so the gradient partials run (statistics: kernels.bn_stats)."""
+    monkeypatch.setattr(bn_relu, "_tile_shape", lambda x: (16, 4))
     x = _to_layout(_random_input((3, 6, 7, 7)) * 10 + 100, "channels_last")  # large mean against the spread
-    mean, var = dense.batch_norm_stats(x)
+    mean, var = bn_relu.batch_norm_stats(x)
     x64 = x.double()
     assert_close(mean, x64.mean(dim=(0, 2, 3)), torch.float32, "mean")
     assert_close(var, x64.var(dim=(0, 2, 3), unbiased=False), torch.float32, "var")
 
     weight, bias = torch.rand(6) + 0.5, torch.rand(6) - 0.5
     grad_y = torch.randn_like(x)
-    grad_x, grad_weight, grad_bias = dense.bn_relu_backward(x, grad_y, mean, var, weight, bias, 1e-5,
+    grad_x, grad_weight, grad_bias = bn_relu.bn_relu_backward(x, grad_y, mean, var, weight, bias, 1e-5,
                                                             batch_stats=True)
     x64.requires_grad_(True)
     w64, b64 = weight.double().requires_grad_(True), bias.double().requires_grad_(True)
@@ -158,8 +158,8 @@ def test_split_reduction_matches_single_pass(monkeypatch: pytest.MonkeyPatch) ->
 def test_bn_relu_bytes_moved_counts_each_tensor_once() -> None:
     n, c, h, w = 2, 3, 4, 5
     elements = n * c * h * w
-    assert dense.bn_relu_bytes_moved((n, c, h, w), torch.bfloat16, training=False) == elements * 2 * 2 + c * 4 * 4
-    assert dense.bn_relu_bytes_moved((n, c, h, w), torch.float32, training=True) == elements * 4 * 2 + c * 4 * 6
+    assert bn_relu.bn_relu_bytes_moved((n, c, h, w), torch.bfloat16, training=False) == elements * 2 * 2 + c * 4 * 4
+    assert bn_relu.bn_relu_bytes_moved((n, c, h, w), torch.float32, training=True) == elements * 4 * 2 + c * 4 * 6
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_rejects_what_it_cannot_compute() -> None:
     with pytest.raises(ValueError, match="stride 1"):
         FusedDenseBlock.from_reference(block)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        dense.batch_norm_stats(torch.randn(1, 3, 1, 1))
+        bn_relu.batch_norm_stats(torch.randn(1, 3, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------

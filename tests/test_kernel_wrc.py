@@ -1,4 +1,5 @@
-"""The fused weighted-residual epilogue (kernels/wrc.py, perfkit/fused/wrc.py) against a float64 reference.
+"""The fused weighted-residual epilogue (kernels/wrc.py, kernels/bn_stats.py, perfkit/fused/wrc.py) against
+a float64 reference.
 
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, as ``make test`` sets), which is
 slow: shapes stay tiny, and one case shrinks the tiles so tiny shapes still cross every tile, partial and
@@ -29,7 +30,7 @@ if not _INTERPRETED and not torch.cuda.is_available():
     pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1 (make test sets it)", allow_module_level=True)
 DEVICE = torch.device("cpu" if _INTERPRETED else "cuda")
 
-from perfkit.kernels import wrc  # noqa: E402
+from perfkit.kernels import _tiles, wrc  # noqa: E402
 
 from perfkit.fused import fusable_modules, to_triton  # noqa: E402
 from perfkit.fused.wrc import FusedResidualEpilogue  # noqa: E402
@@ -50,7 +51,7 @@ def poisoned_outputs(monkeypatch):
     """Fill every buffer the kernels are to write with NaN, so an unwritten element cannot pass."""
     def allocate_nan(size, dtype, device, memory_format=torch.contiguous_format):
         return torch.empty(size, dtype=dtype, device=device, memory_format=memory_format).fill_(float("nan"))
-    monkeypatch.setattr(wrc, "_allocate", allocate_nan)
+    monkeypatch.setattr(_tiles, "allocate", allocate_nan)
 
 
 @pytest.fixture(autouse=True)
@@ -144,11 +145,11 @@ def test_forward_backward_match_float64_reference(shape, dtype, channels_last, t
 def test_many_tiles_partials_and_channel_blocks(monkeypatch, channels_last):
     """Tiles of 16 elements: many tiles, several per reduction program with a tail past the last sample,
     several channel blocks, and finalize kernels looping over the partials."""
-    monkeypatch.setattr(wrc, "_TILE_ELEMENTS", 16)
-    monkeypatch.setattr(wrc, "_MAX_BLOCK_C", 4)
-    monkeypatch.setattr(wrc, "_MAX_BLOCK_HW", 8)
-    monkeypatch.setattr(wrc, "_MAX_PARTIALS", 3)
-    monkeypatch.setattr(wrc, "_FINALIZE_TILE_ELEMENTS", 8)
+    monkeypatch.setattr(_tiles, "TILE_ELEMENTS", 16)
+    monkeypatch.setattr(_tiles, "MAX_BLOCK_C", 4)
+    monkeypatch.setattr(_tiles, "MAX_BLOCK_HW", 8)
+    monkeypatch.setattr(_tiles, "MAX_PARTIALS", 3)
+    monkeypatch.setattr(_tiles, "FINALIZE_TILE_ELEMENTS", 8)
     y, s, params = _inputs((3, 6, 6, 3), torch.float32, channels_last)
     kernel, reference = _run_both(y, s, params, training=True)
     _assert_matches(kernel, reference, torch.float32, check_stats=True)
@@ -370,10 +371,10 @@ def test_bytes_moved_counts_each_tensor_once():
 
 
 def test_importing_perfkit_fused_needs_no_triton():
-    """Without triton, perfkit and perfkit.fused.wrc import; building the fused module says what is missing."""
+    """Without triton, perfkit, perfkit.kernels and perfkit.fused.wrc import; the fused module names what is missing."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import perfkit, perfkit.fused.wrc as f\n"
+        "import perfkit, perfkit.kernels, perfkit.fused.wrc as f\n"
         "from perfkit.blocks.layers import ResidualEpilogue\n"
         "try:\n"
         "    f.FusedResidualEpilogue.from_reference(ResidualEpilogue(4))\n"

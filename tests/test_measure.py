@@ -10,20 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-import perfkit.measure.cell as measure
+import perfkit.measure.cell as cell_module
 from perfkit import registry
 from perfkit.env.device import device_identity
-from perfkit.measure import (
-    TimingPolicy,
-    adaptive_rounds,
-    measure_cell,
-    median_ci_rel,
-    quantile,
-    stop_reason,
-    warm_up,
-)
+from perfkit.measure import TimingPolicy, adaptive_rounds, measure_cell, stop_reason, warm_up
 from perfkit.measure.memory import METHOD
 from perfkit.record import Record
+from perfkit.stats import median_ci_rel
 from perfkit.testing import ACCURACY_FLOOR, ACCURACY_MULTIPLIER, EAGER_SANITY_TOLERANCE, REL_TOLERANCE
 
 FAST = TimingPolicy(min_rounds=6, max_rounds=30, max_time_s=0.3, warmup_batch_s=0.005, warmup_max_s=0.1)
@@ -250,7 +243,7 @@ def test_timer_covers_the_work(tiny):
 def test_timer_waits_for_an_asynchronous_device(tiny, monkeypatch):
     # The forward returns before its work is done, as a CUDA launch does; only the synchronization inside
     # the timed round makes the stored time cover the 20 ms of work.
-    monkeypatch.setattr(measure, "synchronizer", _fake_synchronizer)
+    monkeypatch.setattr(cell_module, "synchronizer", _fake_synchronizer)
     record = measure_cell(tiny(AsyncSleeps), "eager", "inference", 2, "cpu", bench_shape=False, policy=FAST,
                           flops=False)
     assert record.status == "ok"
@@ -287,13 +280,6 @@ def test_adaptive_rounds_stop_when_steady_and_flag_noise():
     capped = adaptive_rounds(lambda: None, TimingPolicy(min_rounds=6, max_time_s=1.0),
                              run=lambda step, n: [0.01, 0.03] * (n // 2) + [0.01] * (n % 2))
     assert sum(capped) <= 1.0 + 0.03 * 6
-
-
-def test_statistics_helpers():
-    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
-    assert quantile([3.0], 0.8) == 3.0
-    assert math.isinf(median_ci_rel([1.0] * 5))
-    assert median_ci_rel([1.0] * 10 + [2.0]) == 0
 
 
 def test_warm_up_ends_when_steady():

@@ -18,7 +18,7 @@ import pytest
 
 from perfkit.cli import main
 from perfkit.record import Record, append_jsonl, read_jsonl
-from perfkit.results.report import device_slug, load_results
+from perfkit.results.load import device_slug, load_results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,14 +9,8 @@ import pytest
 
 from perfkit.cli import main
 from perfkit.record import Record, append_jsonl
-from perfkit.results.report import (
-    best_variants,
-    bytes_moved_lower_bound,
-    device_slug,
-    fast_p,
-    geomean_speedups,
-    summary_frame,
-)
+from perfkit.results.frame import best_variants, bytes_moved_lower_bound, fast_p, geomean_speedups, summary_frame
+from perfkit.results.load import device_slug
 
 CPU = {"type": "cpu", "name": "AMD EPYC", "cores": 2, "isa": "avx2"}
 

@@ -183,7 +183,7 @@ def test_report_refuses_one_cell_from_two_devices_of_one_name(tmp_path: Path,
 
 
 def test_shard_merge_keeps_a_rerun_on_the_same_device_and_names_missing_shards(tmp_path: Path) -> None:
-    from perfkit.results.report import load_results
+    from perfkit.results.load import load_results
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     append_jsonl(a, _record("1/3", driver="570.1"))

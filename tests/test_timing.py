@@ -16,18 +16,18 @@ from perfkit import registry
 from perfkit.env.machine import LoadMonitor, available_cores
 from perfkit.measure import (
     GroupCache,
+    KernelBench,
+    KernelCase,
     TimingPolicy,
     adaptive_pairs,
     adaptive_rounds,
     clock_rounds,
     measure_cell,
-    median_ci_rel,
     pair_block,
-    paired_ratio_ci,
     paired_rounds,
-    repeat_interval_rel,
     stop_reason,
 )
+from perfkit.stats import median_ci_rel
 
 SHAPE = (8, 12, 12)
 POLICY = TimingPolicy(min_rounds=10, max_rounds=60, max_time_s=0.4, warmup_batch_s=0.01, warmup_max_s=0.2)
@@ -110,24 +110,6 @@ def test_min_time_keeps_timing_a_short_step_after_its_target_is_met():
     assert 0.05 <= sum(pairs) + sum(baseline) < 0.05 + 4 * 1e-4  # the minimum covers both series
 
 
-def test_paired_ratio_ci_is_deterministic_and_brackets_the_ratio():
-    eager = [0.010, 0.011, 0.012, 0.010, 0.013, 0.011, 0.010, 0.012, 0.011, 0.010]
-    variant = [t / 2 for t in eager]
-    assert paired_ratio_ci(eager, variant) == (2.0, 2.0, 2.0)  # pairs move together: no doubt about the ratio
-    noisy = [0.005, 0.007, 0.004, 0.006, 0.005, 0.008, 0.005, 0.004, 0.006, 0.005]
-    ratio, low, high = paired_ratio_ci(eager, noisy)
-    assert low < ratio < high and (ratio, low, high) == paired_ratio_ci(eager, noisy)
-    with pytest.raises(ValueError, match="equal, non-zero lengths"):
-        paired_ratio_ci(eager, noisy[:3])
-
-
-def test_repeat_interval_widens_for_drift():
-    steady = [0.010 + 0.0001 * (i % 3) for i in range(30)]
-    drifting = [0.010 * (1 + i / 30) for i in range(30)]
-    assert repeat_interval_rel(steady) < repeat_interval_rel(drifting)
-    assert repeat_interval_rel([0.01] * 5) is None
-
-
 def test_monitor_sees_the_process_alone_or_not():
     monitor = LoadMonitor("cpu")
     monitor.start()
@@ -151,11 +133,11 @@ def test_a_step_that_sleeps_is_not_waiting_for_a_core():
 
 
 def test_variants_share_the_groups_reference_and_eager(conv_block, monkeypatch):
-    import perfkit.measure.cell as measure
+    import perfkit.measure.correctness as correctness
 
     calls = []
-    real = measure._reference
-    monkeypatch.setattr(measure, "_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = correctness._reference
+    monkeypatch.setattr(correctness, "_reference", lambda *a, **k: calls.append(1) or real(*a, **k))
     groups = GroupCache()
     eager = measure_cell(conv_block, "eager", "training", 2, "cpu", bench_shape=False, policy=POLICY, groups=groups)
     variant = measure_cell(conv_block, "channels_last", "training", 2, "cpu", bench_shape=False, policy=POLICY,
@@ -232,7 +214,7 @@ def test_repeat_interval_covers_fresh_repeats(conv_block):
 
 
 def test_run_summary_counts_contended_cells_and_ranks_only_the_others():
-    from perfkit.pytest_plugin import run_summary
+    from perfkit.matrix.summary import run_summary
     from perfkit.record import Record
 
     def record(variant: str, speedup: float | None, contended: bool) -> Record:
@@ -251,32 +233,40 @@ def test_run_summary_counts_contended_cells_and_ranks_only_the_others():
     assert "wall time of the cells 12.0 s, 75% of it timed rounds" in lines[4]
 
 
-def test_a_kernel_variant_is_timed_beside_eager(monkeypatch):
-    """benchmarks/test_kernels.py pairs a kernel variant's rounds with the eager expression's; here the
-    "compile" variant is eager itself (no compile), so the pairs' ratio is ~1."""
-    import importlib.util
-    from pathlib import Path
+def _bn_relu(x, weight, bias, running_mean, running_var, training):
+    return torch.relu(torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training))
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "test_kernels.py"
-    spec = importlib.util.spec_from_file_location("perfkit_kernel_cells", path)
-    kernels = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, kernels)  # its dataclasses look themselves up there
-    spec.loader.exec_module(kernels)
-    eager = kernels._wrc_expression
-    monkeypatch.setattr(kernels, "_implementation", lambda kernel, variant: eager)
+
+def _bn_relu_case(dtype: torch.dtype, layout: str, training: bool, device: torch.device) -> KernelCase:
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(size, generator=generator).to(device, dtype).requires_grad_(training)
+                       for size in ((2, 8, 4, 4), 8, 8))
+    args = [x, weight, bias, torch.zeros(8, device=device), torch.ones(8, device=device), training]
+    return KernelCase(args, [x, weight, bias] if training else [])
+
+
+def test_a_kernel_variant_is_timed_beside_eager(monkeypatch):
+    """perfkit.measure.kernel pairs a kernel variant's rounds with the eager expression's; here the "compile"
+    variant is eager itself (no compile), so the pairs' ratio is ~1."""
+    from perfkit.measure import kernel
+
+    bench = KernelBench("bn_relu", {"cpu": (2, 8, 4, 4), "cuda": (2, 8, 4, 4)}, _bn_relu_case, _bn_relu, _bn_relu,
+                        lambda x, training: 2 * x.numel() * x.element_size())
+    monkeypatch.setattr(kernel, "_implementation", lambda bench, variant: bench.eager)
 
     class Disabled:
         disabled = True
 
     threads = torch.get_num_threads()
-    record = kernels.measure_kernel("wrc_epilogue", "compile", "training", "float32", "nchw", torch.device("cpu"),
-                                    POLICY, Disabled(), threads=1)
+    record = kernel.measure_kernel(bench, "compile", "training", "float32", "nchw", torch.device("cpu"), POLICY,
+                                   Disabled(), threads=1)
     assert record.status == "ok", record.reason
     assert record.threads == 1 and torch.get_num_threads() == threads  # set for the cell, then restored
     assert len(record.eager_times_s) == len(record.times_s) >= POLICY.min_rounds
     assert record.speedup_ci_low <= record.speedup_vs_eager <= record.speedup_ci_high
     assert 0.8 <= record.speedup_vs_eager <= 1.25, record.speedup_vs_eager
     assert record.machine_load["threads"] == 1 and isinstance(record.contended, bool)
+    assert record.rel_error < 1e-5 and record.achieved_gb_per_s > 0 and record.pair_block >= 1
 
 
 PAGE_FAULT_PROBE = """

@@ -17,8 +17,9 @@ A cell is ``contended`` when other processes kept busy, on average, more cores t
 left free (``cores - threads``) plus :data:`CONTENDED_SPARE_CORES` (and the counters' tick over the region:
 one per CPU, 2 cores x 10 ms over 0.1 s is 0.2 of a core), when this process's threads spent more than
 :data:`MAX_WAIT_SHARE` of their time runnable but waiting for a core (``/proc/self/task/*/schedstat``;
-without it, when the process got less than :data:`MIN_CPU_SHARE` of the cores its threads needed), or when another process computed on
-the same GPU. Such a cell's figures are kept (the record says how busy the machine was) but never ranked.
+without it, when the process got less than :data:`MIN_CPU_SHARE` of the cores its threads needed), or when another
+process computed on the same GPU. Such a cell's figures are kept (the record says how busy the machine was)
+but never ranked.
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ class LoadMonitor:
         self._start: Snapshot | None = None
 
     def _snapshot(self) -> Snapshot:
-        return Snapshot(time.perf_counter(), _own_cpu_s(), minor_faults(), _runqueue_wait_s(), _cpu_busy_s(self.cpus), _loadavg(),
-                        _procs_running())
+        return Snapshot(time.perf_counter(), _own_cpu_s(), minor_faults(), _runqueue_wait_s(), _cpu_busy_s(self.cpus),
+                        _loadavg(), _procs_running())
 
     def start(self) -> None:
         """Read the counters before the timed region."""

@@ -61,6 +61,7 @@ class FusedDenseBlock(nn.Module):
 
     @property
     def out_channels(self) -> int:
+        """Channels of the block's output: the input's plus ``growth_rate`` per layer."""
         return self.in_channels + len(self.layers) * self.growth_rate
 
     def _norm_state(self, norm: nn.BatchNorm2d):
@@ -79,6 +80,7 @@ class FusedDenseBlock(nn.Module):
                          norm.running_var if pass_running else None, momentum, norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``cat(x, f_0(x), f_1(...), ...)`` through :func:`perfkit.kernels.dense.dense_block`."""
         from perfkit.kernels.dense import dense_block
 
         if x.shape[1] != self.in_channels:
@@ -100,7 +102,7 @@ class FusedDenseBlock(nn.Module):
 
 
 class FusedBatchNormReLU(nn.Module):
-    """``relu(bn(x))`` in one fused kernel (``perfkit.kernels.dense.bn_relu``), sharing ``bn``'s module.
+    """``relu(bn(x))`` in one fused kernel (``perfkit.kernels.bn_relu.bn_relu``), sharing ``bn``'s module.
 
     What fusion by pattern puts after a DenseNet-style concat. It follows ``nn.BatchNorm2d.forward``: batch
     statistics in training or without running statistics, the counter and running statistics updated only
@@ -113,7 +115,8 @@ class FusedBatchNormReLU(nn.Module):
         self.bn = bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from perfkit.kernels.dense import bn_relu
+        """``relu(bn(x))`` with ``bn``'s mode, statistics and counter, as ``nn.BatchNorm2d.forward`` uses them."""
+        from perfkit.kernels.bn_relu import bn_relu
 
         bn = self.bn
         momentum = 0.0 if bn.momentum is None else bn.momentum

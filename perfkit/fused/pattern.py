@@ -63,6 +63,7 @@ class _OwnCodeTracer(fx.Tracer):
     """Traces one module's own forward: every child module is a leaf (a ``call_module`` node)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Every child is a leaf: only the traced module's own code is searched."""
         return True
 
 

@@ -37,6 +37,7 @@ class FusedResidualEpilogue(nn.Module):
         return cls(ref.bn, ref.alpha, ref.beta)
 
     def forward(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``relu(alpha * bn(y) + beta * s)``, ``bn``'s statistics used and updated as nn.BatchNorm2d would."""
         bn = self.bn
         # The same decisions as nn.BatchNorm2d.forward: batch statistics in training or when no running
         # statistics are tracked; running statistics read in eval, updated (and the counter bumped) in training.
@@ -51,6 +52,7 @@ class FusedResidualEpilogue(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """alpha, beta and whether they are learnable, for ``print(model)``."""
         kind = "learnable" if isinstance(self.alpha, nn.Parameter) else "fixed"
         return f"alpha={self.alpha.item():g}, beta={self.beta.item():g}, {kind}"
 

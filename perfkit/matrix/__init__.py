@@ -1,1 +1,1 @@
-"""The benchmark matrix: profiles, options, the plan, shards, worker processes and launched jobs."""
+"""The benchmark matrix: profiles, options and their resolution, the plan, shards, worker processes, jobs, summary."""

@@ -142,7 +142,7 @@ def session_s(costs: list[CellCost], triton: bool) -> float:
 def format_plan(costs: list[CellCost], extra_s: float, hardware: Hardware = HARDWARE[REFERENCE],
                 limit_s: float | None = None) -> list[str]:
     """The plan as lines: one per cell (estimated seconds), then the totals and the time limit, if any."""
-    lines = [f"perfkit plan: {len(costs)} cells, estimated on {hardware.name} (cost model: perfkit/plan.py)"]
+    lines = [f"perfkit plan: {len(costs)} cells, estimated on {hardware.name} (cost model: perfkit/matrix/plan.py)"]
     width = max((len(c.cell) for c in costs), default=4)
     for c in costs:
         compile_text = f"  (compile {c.compile_s:5.1f} s)" if c.compile_s else ""

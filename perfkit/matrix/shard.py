@@ -46,9 +46,9 @@ def _device_key(record: Record) -> str:
 def check_shard_results(results: Sequence) -> list[str]:
     """Refuse (ValueError) a cell two shard files measured on different devices of one name; warn of gaps.
 
-    ``results`` are ``perfkit.results.report.Results``. Returns warnings (shards of a K/N split that are absent).
+    ``results`` are ``perfkit.results.load.Results``. Returns warnings (shards of a K/N split that are absent).
     """
-    from perfkit.results.report import cell_key, device_name
+    from perfkit.results.load import cell_key, device_name
 
     seen: dict[tuple, tuple[str, Record]] = {}
     shards: dict[int, set[int]] = {}

@@ -1,4 +1,5 @@
-"""Peak memory of one step on the CPU, where torch's allocator keeps no peak statistics.
+"""Peak memory of one measured step: on a GPU the allocator's peak after a reset; on the CPU, where torch's
+allocator keeps no peak statistics, the profiler's allocator events.
 
 The profiler's memory events (``profile_memory=True``) report every allocation and free of torch's
 CPU allocator, temporaries and autograd's saved tensors included, in order. Their running sum is the
@@ -14,9 +15,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
+from perfkit.variants import Prepared
+
 METHOD = "torch.profiler CPU allocator events (profile_memory=True)"
+CUDA_METHOD = "torch.cuda.max_memory_allocated after reset_peak_memory_stats"
 
 
 @dataclass(frozen=True)
@@ -64,3 +69,34 @@ def cpu_step_memory(step: Callable[[], object]) -> StepMemory:
         live += event.nbytes()
         peak = max(peak, live)
     return StepMemory(peak_rise_bytes=peak, retained_bytes=live)
+
+
+def live_bytes(prepared: Prepared) -> int:
+    """Bytes of the unique storages live before a step: parameters, buffers, grads, optimizer state, inputs."""
+    tensors = list(prepared.parameters) + list(prepared.module.buffers())
+    tensors += [p.grad for p in prepared.parameters if p.grad is not None]
+    if prepared.optimizer is not None:
+        for state in prepared.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors.append(prepared.inputs)
+    if prepared._loss_target is not None:
+        tensors.append(prepared._loss_target)
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def step_memory(prepared: Prepared, step: Callable[[], None], device: torch.device) -> tuple[int, int, str]:
+    """(absolute peak bytes, rise above what was live before, method) of one step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        peak = torch.cuda.max_memory_allocated(device)
+        return peak, peak - before, CUDA_METHOD
+    before = live_bytes(prepared)
+    rise = cpu_step_memory(step).peak_rise_bytes
+    return before + rise, rise, METHOD

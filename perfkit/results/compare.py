@@ -2,8 +2,9 @@
 
 Cells of the two runs are matched by their parameters (kind, block, variant, mode, dtype, batch) and their
 device. For each timed pair: the ratio of median step times NEW/BASE with a bootstrap confidence interval
-from the stored rounds, widened to the records' repeat intervals (:func:`repeat_interval`), a Mann-Whitney U p-value (normal approximation, as asv uses a rank test), and a
-verdict against the threshold band ``[1/(1+t), 1+t]``, symmetric in log space as asv's ``--factor`` is:
+from the stored rounds, widened to the records' repeat intervals (:func:`repeat_interval`), a Mann-Whitney U
+p-value (normal approximation, as asv uses a rank test; both in ``perfkit.stats``), and a verdict against the
+threshold band ``[1/(1+t), 1+t]``, symmetric in log space as asv's ``--factor`` is:
 
 - ``slower`` (a regression): the whole interval above ``1+t``;
 - ``faster``: the whole interval below ``1/(1+t)``;
@@ -21,25 +22,17 @@ or raises is a regression too. Exit status: 0 no regression, 1 regression, 2 bad
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from perfkit.record import Record
-from perfkit.results.report import ResultsError, device_name, device_slug, load_results
+from perfkit.results.load import ResultsError, device_name, device_slug, load_results, memory_is_exact
+from perfkit.stats import CONFIDENCE, bootstrap_ratio_ci, mann_whitney_p
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
-BOOTSTRAP_RESAMPLES = 2000
-CONFIDENCE = 0.95
-SEED = 0
-"""The bootstrap's RNG seed: the same two files always give the same intervals and verdicts."""
 COUNTERS = ("flops_per_step", "params", "bytes_per_step", "peak_memory_rise_bytes")
-EXACT_MEMORY_METHODS = ("torch.profiler", "torch.cuda.max_memory_allocated", "cuda caching allocator")
-"""Prefixes of ``memory_method`` whose figures repeat exactly for the same code, shape and variant: the CPU
-profiler's allocator events, and the CUDA caching allocator's peak statistics."""
 
 
 class CompareError(ValueError):
@@ -67,44 +60,13 @@ def _label(key: tuple, cross_device: bool) -> str:
     return f"{block} {variant} {mode} {dtype} b{batch}" + ("" if kind == "block" else f" [{kind}]")
 
 
-# -------------------------------------------------------------------------------------------- statistics
-
-def bootstrap_ratio_ci(base_s: Sequence[float], new_s: Sequence[float], confidence: float = CONFIDENCE,
-                       resamples: int = BOOTSTRAP_RESAMPLES, seed: int = SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of median(new)/median(base), each run's rounds resampled on its own."""
-    rng = np.random.default_rng(seed)
-    base, new = np.asarray(base_s, dtype=float), np.asarray(new_s, dtype=float)
-    base_medians = np.median(base[rng.integers(0, base.size, (resamples, base.size))], axis=1)
-    new_medians = np.median(new[rng.integers(0, new.size, (resamples, new.size))], axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(new_medians / base_medians, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def mann_whitney_p(base_s: Sequence[float], new_s: Sequence[float]) -> float:
-    """Two-sided p-value of the Mann-Whitney U test, normal approximation with the tie correction."""
-    base, new = np.asarray(base_s, dtype=float), np.asarray(new_s, dtype=float)
-    n1, n2 = base.size, new.size
-    values = np.concatenate([base, new])
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(values.size)
-    ranks[order] = np.arange(1, values.size + 1)
-    # Tied values share the mean of their ranks.
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ranks = np.bincount(inverse, weights=ranks)[inverse] / counts[inverse]
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
-    n = n1 + n2
-    variance = n1 * n2 / 12 * ((n + 1) - (counts**3 - counts).sum() / (n * (n - 1)))
-    if variance <= 0:
-        return 1.0
-    z = (abs(u - n1 * n2 / 2) - 0.5) / math.sqrt(variance)  # 0.5: continuity correction
-    return float(math.erfc(max(z, 0.0) / math.sqrt(2)))
-
+# --------------------------------------------------------------------------------------------- verdicts
 
 def repeat_interval(ratio: float, low: float, high: float, base: Record, new: Record) -> tuple[float, float]:
     """The NEW/BASE interval a verdict may trust: the rounds' bootstrap ``[low, high]``, widened to the
     larger of the two records' repeat intervals (``step_time_repeat_rel``). The bootstrap speaks of these
-    two runs' rounds only; two runs in fresh processes differ by more (README, "What the intervals mean")."""
+    two runs' rounds only; two runs in fresh processes differ by more
+    (docs/methodology.md, "What the intervals mean")."""
     repeats = [r.step_time_repeat_rel for r in (base, new) if r.step_time_repeat_rel]
     if not repeats:
         return low, high
@@ -124,7 +86,7 @@ def verdict(low: float, high: float, threshold: float) -> str:
     return "noisy"
 
 
-# --------------------------------------------------------------------------------------------- comparing
+# -------------------------------------------------------------------------------------------- comparing
 
 @dataclass
 class TimingRow:
@@ -190,18 +152,13 @@ def _cells(records: list[Record], path: str, cross_device: bool) -> dict[tuple, 
     return cells
 
 
-def _exact_memory(record: Record) -> bool:
-    method = (record.memory_method or "").lower()
-    return any(method.startswith(m.lower()) for m in EXACT_MEMORY_METHODS)
-
-
 def _compare_counters(label: str, base: Record, new: Record, findings: list[Finding]) -> None:
     for counter in COUNTERS:
         before, after = getattr(base, counter), getattr(new, counter)
         if before is None or after is None or before == after:
             continue
         if counter == "peak_memory_rise_bytes":
-            if base.memory_method != new.memory_method or not _exact_memory(base):
+            if base.memory_method != new.memory_method or not memory_is_exact(base):
                 continue
         findings.append(Finding(label, counter, before, after, regression=after > before))
 
@@ -238,21 +195,26 @@ def compare_records(base: list[Record], new: list[Record], *, threshold: float =
             comparison.findings.append(Finding(label, "status", b.status, n.status, regression=broke))
         _compare_counters(label, b, n, comparison.findings)
         if b.status == n.status == "ok" and b.times_s and n.times_s:
-            base_median, new_median = float(np.median(b.times_s)), float(np.median(n.times_s))
-            low, high = repeat_interval(new_median / base_median, *bootstrap_ratio_ci(b.times_s, n.times_s), b, n)
-            if b.contended or n.contended:
-                judged = "contended"
-            elif b.threads is not None and n.threads is not None and b.threads != n.threads:
-                judged = "threads"
-            else:
-                judged = verdict(low, high, threshold)
-            comparison.timings.append(TimingRow(
-                label, base_median, new_median, new_median / base_median, low, high,
-                mann_whitney_p(b.times_s, n.times_s), judged))
+            comparison.timings.append(_timing_row(label, b, n, threshold))
     return comparison
 
 
-# --------------------------------------------------------------------------------------------- rendering
+def _timing_row(label: str, base: Record, new: Record, threshold: float) -> TimingRow:
+    """The step-time comparison of one cell timed in both runs."""
+    base_median, new_median = float(np.median(base.times_s)), float(np.median(new.times_s))
+    ratio = new_median / base_median
+    low, high = repeat_interval(ratio, *bootstrap_ratio_ci(base.times_s, new.times_s), base, new)
+    if base.contended or new.contended:
+        judged = "contended"
+    elif base.threads is not None and new.threads is not None and base.threads != new.threads:
+        judged = "threads"
+    else:
+        judged = verdict(low, high, threshold)
+    return TimingRow(label, base_median, new_median, ratio, low, high, mann_whitney_p(base.times_s, new.times_s),
+                     judged)
+
+
+# -------------------------------------------------------------------------------------------- rendering
 
 def _time(seconds: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):

@@ -18,6 +18,8 @@ and follows each cell's median step time over the commits:
 - a piece without a step whose last third's median differs from its first third's beyond ``DRIFT_Z`` is a
   drift, reported with its slope per commit (Theil-Sen), never as a step.
 
+The intervals and fits are ``perfkit.stats``'s; this module holds the thresholds, the runs and the output.
+
 Exit status: 1 when the latest run of some cell sits on a step slower by more than the threshold, 0
 otherwise, 2 on bad input. Drift is reported, not gated.
 """
@@ -25,7 +27,6 @@ otherwise, 2 on bad input. Drift is reported, not gated.
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from perfkit.record import Record
-from perfkit.results.report import ResultsError, device_slug, load_results
+from perfkit.results.load import ResultsError, device_slug, load_results
+from perfkit.results.plots import pyplot
+from perfkit.stats import find_drift, find_steps, log_se, median_interval, run_scatter
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_STORAGE = ".benchmarks"
@@ -44,12 +47,6 @@ candidates in each of many cells, so the bar is above the 1.96 of a single test:
 resampled from a real quick-profile run show no step in any of its 41 cells."""
 DRIFT_Z = 3.0
 """Standard errors a piece's last third must differ from its first by to be reported as a drift."""
-BOOTSTRAP_RESAMPLES = 200
-SEED = 0
-"""Resampling of a piece's run medians is seeded: the same storage always gives the same steps."""
-Z95 = 1.959964
-MEDIAN_EFFICIENCY = math.sqrt(math.pi / 2)
-"""The standard error of a median over that of a mean, for normal scatter."""
 
 
 class HistoryError(ValueError):
@@ -130,105 +127,16 @@ class CellHistory:
         return last if last.ratio > 1 + threshold else None
 
 
-# -------------------------------------------------------------------------------------------- statistics
-
-def median_interval(times_s: Sequence[float]) -> tuple[float, float, float]:
-    """``(median, low, high)``: the distribution-free 95% interval of the median from the order statistics."""
-    x = np.sort(np.asarray(times_s, dtype=float))
-    n = x.size
-    median = float(np.median(x))
-    if n < 3:
-        return median, float(x[0]), float(x[-1])
-    half = Z95 * math.sqrt(n) / 2
-    low, high = max(int(math.floor(n / 2 - half)), 0), min(int(math.ceil(n / 2 + half)), n - 1)
-    return median, float(x[low]), float(x[high])
-
-
-def _run_scatter(y: np.ndarray) -> float:
-    """Run-to-run standard deviation from successive differences (centred MAD: robust to a step and a drift)."""
-    if y.size < 3:
-        return 0.0
-    d = np.diff(y)
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(2))
-
-
-def _level_se(y: np.ndarray, u: np.ndarray) -> float:
-    """Standard error of a piece's median: from its points' uncertainties, or from resampling its points
-    where that is larger (a cell whose rounds are bimodal has run medians that jump between the modes)."""
-    from_points = MEDIAN_EFFICIENCY * math.sqrt(float(np.mean(u**2)) / u.size)
-    if y.size < 3:
-        return from_points
-    rng = np.random.default_rng(SEED)
-    resampled = np.median(y[rng.integers(0, y.size, (BOOTSTRAP_RESAMPLES, y.size))], axis=1)
-    return max(from_points, float(np.std(resampled)))
-
-
-def _theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Slope and intercept of the Theil-Sen line (median of pairwise slopes)."""
-    if x.size < 2:
-        return 0.0, float(np.median(y)) if y.size else 0.0
-    i, j = np.triu_indices(x.size, 1)
-    slope = float(np.median((y[j] - y[i]) / (x[j] - x[i])))
-    return slope, float(np.median(y - slope * x))
-
-
-def _split(y: np.ndarray, u: np.ndarray, lo: int, hi: int, at_end: bool) -> tuple[int, float] | None:
-    """The best split of ``y[lo:hi]`` into two constant pieces, and its z, when it passes both tests."""
-    best: tuple[int, float] | None = None
-    last_k = hi - (1 if at_end else 2)
-    for k in range(lo + 2, last_k + 1):
-        left, right = y[lo:k], y[k:hi]
-        se = math.hypot(_level_se(left, u[lo:k]), _level_se(right, u[k:hi]))
-        z = abs(float(np.median(right) - np.median(left))) / se if se > 0 else math.inf
-        if best is None or z > best[1]:
-            best = (k, z)
-    if best is None or best[1] <= STEP_Z:
-        return None
-    k = best[0]
-    x = np.arange(lo, hi, dtype=float)
-    step_cost = float(np.abs(y[lo:k] - np.median(y[lo:k])).sum() + np.abs(y[k:hi] - np.median(y[k:hi])).sum())
-    slope, intercept = _theil_sen(x, y[lo:hi])
-    line_cost = float(np.abs(y[lo:hi] - (slope * x + intercept)).sum())
-    return best if step_cost < line_cost else None
-
-
-def find_steps(y: Sequence[float], u: Sequence[float]) -> list[tuple[int, float]]:
-    """Change points of the log-medians ``y`` with uncertainties ``u``: ``[(first index after, z), ...]``."""
-    y_arr, u_arr = np.asarray(y, dtype=float), np.asarray(u, dtype=float)
-    found: list[tuple[int, float]] = []
-    pending = [(0, y_arr.size)]
-    while pending:
-        lo, hi = pending.pop()
-        split = _split(y_arr, u_arr, lo, hi, at_end=hi == y_arr.size)
-        if split:
-            found.append(split)
-            pending += [(lo, split[0]), (split[0], hi)]
-    return sorted(found)
-
-
-def find_drift(y: np.ndarray, u: np.ndarray, lo: int, hi: int) -> Drift | None:
-    """A drift over ``y[lo:hi]`` (a piece with no step inside): its last third against its first."""
-    n = hi - lo
-    if n < 6:
-        return None
-    third = n // 3
-    first, last = slice(lo, lo + third), slice(hi - third, hi)
-    se = math.hypot(_level_se(y[first], u[first]), _level_se(y[last], u[last]))
-    z = abs(float(np.median(y[last]) - np.median(y[first]))) / se if se > 0 else math.inf
-    if z <= DRIFT_Z:
-        return None
-    slope, _ = _theil_sen(np.arange(n, dtype=float), y[lo:hi])
-    return Drift(lo, hi - 1, math.expm1(slope), z)
-
+# --------------------------------------------------------------------------------------------- analysis
 
 def analyse(device: str, cell: str, points: list[Point]) -> CellHistory:
     """Steps and drifts of one cell's series of points (ordered by commit)."""
     history = CellHistory(device, cell, points)
     y = np.log([p.median_s for p in points])
-    within = np.array([(math.log(p.ci_high_s) - math.log(p.ci_low_s)) / (2 * Z95) for p in points])
-    u = np.maximum(within, _run_scatter(y))
+    within = np.array([log_se(p.ci_low_s, p.ci_high_s) for p in points])
+    u = np.maximum(within, run_scatter(y))
     bounds = [0]
-    for index, z in find_steps(y, u):
+    for index, z in find_steps(y, u, STEP_Z):
         before = float(np.exp(np.median(y[bounds[-1]:index])))
         bounds.append(index)
         history.steps.append(Step(index, points[index].commit, before, 0.0, z))
@@ -236,13 +144,13 @@ def analyse(device: str, cell: str, points: list[Point]) -> CellHistory:
     for step, (lo, hi) in zip(history.steps, zip(bounds[1:-1], bounds[2:], strict=True), strict=True):
         step.after_s = float(np.exp(np.median(y[lo:hi])))
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        drift = find_drift(y, u, lo, hi)
+        drift = find_drift(y[lo:hi], u[lo:hi], DRIFT_Z)
         if drift:
-            history.drifts.append(drift)
+            history.drifts.append(Drift(lo, hi - 1, *drift))
     return history
 
 
-# ----------------------------------------------------------------------------------------------- storage
+# ---------------------------------------------------------------------------------------------- storage
 
 def _run_files(storage: Sequence[str | Path]) -> list[Path]:
     files: list[Path] = []
@@ -293,7 +201,7 @@ def histories(runs: list[Run], device: str = "*", cells: str = "*") -> list[Cell
             if record.status != "ok" or not fnmatch.fnmatchcase(slug, device) or not fnmatch.fnmatchcase(name, cells):
                 continue
             if record.times_s:
-                median, low, high = median_interval(record.times_s)
+                low, median, high = median_interval(record.times_s)
             elif record.step_time_median_s:
                 median = low = high = record.step_time_median_s
             else:
@@ -310,11 +218,7 @@ def _short(commit: str) -> str:
 
 def plot_histories(found: list[CellHistory], runs: list[Run], out_dir: Path) -> list[Path]:
     """One PNG per device, block and mode: each cell's median and interval over the commits, steps marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups: dict[tuple[str, str, str], list[CellHistory]] = {}
     for history in found:
         block, _, mode, _, _ = history.cell.split("/")
