@@ -2,7 +2,8 @@
 #
 # On a machine whose python3 already has a CUDA torch and the other dependencies (the lent GPU machine,
 # which has no network), the venv reuses them through --system-site-packages and installs nothing from
-# the network. Elsewhere it installs the CPU torch wheel and everything else from the package index.
+# the network. Elsewhere it installs the CPU torch wheel and everything else from the package index; torch
+# is named again with the dev extra so that pip picks the torchvision built for it instead of replacing it.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -26,12 +27,12 @@ $(STAMP): pyproject.toml Makefile
 		echo "perfkit: creating $(VENV) with the CPU torch wheel"; \
 		$(PYTHON) -m venv $(VENV) && \
 		$(PY) -m pip install -q "$(TORCH)" && \
-		$(PY) -m pip install -q -e ".[dev]"; \
+		$(PY) -m pip install -q "$(TORCH)" -e ".[dev]"; \
 	fi
 	@touch $@
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests --durations=10
 
 # The quick profile on the CPU, the full one where a GPU is present (docs/matrix.md lists the options and
 # PERFKIT_* variables that narrow it). The JSON-lines file starts afresh with each run. The
@@ -44,6 +45,8 @@ bench: $(STAMP)
 		$(PY) -m pytest benchmarks/ -q --benchmark-json $(OUT)/bench.json --perfkit-jsonl $(OUT)/results.jsonl \
 		--benchmark-autosave --benchmark-storage=file://$(STORAGE)
 	$(PY) -m perfkit report $(OUT)/bench.json -o $(OUT)/reports --baseline $(REPORTS)
+	@echo "(a committed report was timed on another day: its comparison shows the machine's mood as well as the code's;"
+	@echo " for a verdict on a change, time both commits interleaved: perfkit ab BASE HEAD, docs/ci.md)"
 
 # On purpose: make the last `make bench` run the committed report (and baseline) of its device.
 publish: $(STAMP)

@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def _output_folder(path: str | Path, option: str) -> None:
+    """Create the folder a command writes into before it does any work: a path that cannot be a folder is then
+    one message naming it and why (``main`` exits 2), not a traceback, and never after a long run."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            why = f"{existing} is a file, not a folder"
+        elif isinstance(error, PermissionError):
+            why = f"no permission to create folders in {existing}"
+        elif error.errno == errno.EROFS:
+            why = f"{existing} is on a read-only file system"
+        else:
+            why = error.strerror or str(error)
+        raise ValueError(f"{option} {path}: cannot create this folder: {why}; give a folder that exists or whose "
+                         "nearest existing parent is a folder you can write in") from None
 
 
 def _format_count(n: float) -> str:
@@ -20,6 +42,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from perfkit.measure import step_flops
     from perfkit.registry import get_entry, list_blocks
 
+    if args.variants:
+        return _list_variants(args.pattern)
     names = list_blocks(args.pattern, kind=args.kind)
     if not names:
         print(f"no block or network matches {args.pattern!r}; `perfkit list` shows them all", file=sys.stderr)
@@ -41,10 +65,36 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_variants(pattern: str) -> int:
+    """``perfkit list --variants``: each variant atom, where it comes from, its dtype and modes, one line on it."""
+    from perfkit.user_variants import get_user_variant, variant_plugin_errors
+    from perfkit.variants import MODES, VARIANTS, describe_variant, list_variants, parse_variant
+
+    atoms = list_variants(pattern)
+    for key, error in variant_plugin_errors().items():
+        print(f"perfkit list: a perfkit.variants entry point {key} failed to load: {error}", file=sys.stderr)
+    if not atoms:
+        print(f"no variant matches {pattern!r}; `perfkit list --variants` shows them all", file=sys.stderr)
+        return 2
+    rows = [("name", "from", "dtype", "modes", "description")]
+    for atom in atoms:
+        user = atom not in VARIANTS
+        source, modes = (get_user_variant(atom).source, get_user_variant(atom).modes) if user else ("built-in", MODES)
+        rows.append((atom, source, parse_variant(atom).compute_dtype, ",".join(modes), describe_variant(atom)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
 def _add_list(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list blocks and networks with parameters, FLOPs and input shape")
+    p = sub.add_parser("list", help="list blocks and networks with parameters, FLOPs and input shape (--variants: "
+                       "the variant atoms, built-in and registered)")
     p.add_argument("pattern", nargs="?", default="*", help="glob over names, e.g. 'resnet*' (default: all)")
     p.add_argument("--kind", choices=("block", "network"), help="only blocks or only networks")
+    p.add_argument("--variants", action="store_true", help="list the variant atoms (joined with '+' into a variant) "
+                   "instead: the built-ins and those registered with perfkit.register_variant or the "
+                   "perfkit.variants entry points")
     p.set_defaults(func=_cmd_list)
 
 
@@ -53,10 +103,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from perfkit.results.load import load_results
     from perfkit.results.report import build_reports
 
-    # Shards merge here; a cell two shards measured on different devices of one name is refused.
+    output = args.baseline if args.publish else args.output
+    # Shards merge here; a cell two shards measured on different devices of one name is refused before any
+    # folder is made.
     for warning in check_shard_results([load_results(p) for p in args.results]):
         print(f"perfkit report: {warning}", file=sys.stderr)
-    output = args.baseline if args.publish else args.output
+    _output_folder(output, "--baseline" if args.publish else "-o")
     folders = build_reports(args.results, output, copy_gbps=args.copy_gbps,
                             baseline_dir=None if args.no_compare else args.baseline)
     for folder in folders:
@@ -128,6 +180,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
     from perfkit.results.compare import parse_threshold
     from perfkit.results.history import run_history
 
+    _output_folder(args.output, "-o")
     status, text = run_history(args.storage, device=args.device, cells=args.cells,
                                threshold=parse_threshold(args.threshold), out_dir=args.output)
     print(text, file=sys.stderr if status == 2 else sys.stdout, end="" if text.endswith("\n") else "\n")
@@ -225,6 +278,7 @@ def _add_memory(sub: argparse._SubParsersAction) -> None:
 def _cmd_profile(args: argparse.Namespace) -> int:
     from perfkit.profile import profile_block
 
+    _output_folder(args.output, "-o")
     result = profile_block(args.name, variant=args.variant, mode=args.mode, batch=args.batch, device=args.device,
                            out_dir=args.output, bench_shape=args.shape == "bench")
     print(result.table)
@@ -252,6 +306,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
 
     from perfkit.matrix.launch import SlurmOptions, launch, parse_sbatch
 
+    _output_folder(args.output, "-o")
+    _output_folder(args.reports, "--reports")  # merged at the end: an unusable folder would cost the whole run
     pytest_args = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
     gpus = list(range(torch.cuda.device_count())) if args.executor == "local" and torch.cuda.is_available() else None
     slurm = SlurmOptions(partition=args.partition, gpus=args.gpus, cpus_per_task=args.cpus_per_task, mem=args.mem,
@@ -301,6 +357,36 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_launch)
 
 
+def _cmd_ab(args: argparse.Namespace) -> int:
+    from perfkit.ab.command import run_ab
+
+    return run_ab(args)
+
+
+def _add_ab(sub: argparse._SubParsersAction) -> None:
+    from perfkit.ab.command import add_ab_arguments
+
+    p = sub.add_parser("ab", help="time two commits (or checkouts) against each other, rounds interleaved; exit 1 "
+                       "on a regression, 2 on bad input (docs/ci.md)")
+    add_ab_arguments(p)
+    p.set_defaults(func=_cmd_ab)
+
+
+def _cmd_bisect(args: argparse.Namespace) -> int:
+    from perfkit.ab.bisection import run_bisect
+
+    return run_bisect(args)
+
+
+def _add_bisect(sub: argparse._SubParsersAction) -> None:
+    from perfkit.ab.bisection import add_bisect_arguments
+
+    p = sub.add_parser("bisect", help="the first commit between GOOD and BAD where a cell slowed, each step an "
+                       "interleaved A/B against GOOD")
+    add_bisect_arguments(p)
+    p.set_defaults(func=_cmd_bisect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="perfkit", description="Profile and optimize CNN building blocks: one "
@@ -318,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_profile(sub)
     _add_launch(sub)
+    _add_ab(sub)
+    _add_bisect(sub)
     return parser
 
 

@@ -230,7 +230,9 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
                             generator=torch.Generator().manual_seed(seed + 1))
     prepared = parsed.apply(model, x, mode, input_requires_grad=entry.kind == "block", seed=seed)
 
-    run_dir = Path(out_dir) / f"{name}-{parsed.name}-{mode}"
+    # tv:/timm: names carry a colon, which a file name on Windows or a Markdown link cannot hold.
+    label = f"{name.replace(':', '_')}-{parsed.name}-{mode}"
+    run_dir = Path(out_dir) / label
     run_dir.mkdir(parents=True, exist_ok=True)
     # One trace per run folder: TensorBoard would otherwise show every earlier profile of the cell as
     # another span of the same run.
@@ -245,8 +247,8 @@ def profile_block(name: str, *, variant: str = "eager", mode: str = "inference",
 
     step()  # the first call compiles (compiled variants) and picks algorithms: kept out of the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    ranges = StageRanges(prepared.module, name) if parsed.compile_mode is None else None
-    handler = tensorboard_trace_handler(str(run_dir), worker_name=f"{name}-{parsed.name}-{mode}")
+    ranges = StageRanges(prepared.module, name) if not parsed.compiled else None
+    handler = tensorboard_trace_handler(str(run_dir), worker_name=label)
     prof = torch.profiler.profile(
         activities=activities,
         schedule=schedule(wait=WAIT_STEPS, warmup=WARMUP_STEPS, active=ACTIVE_STEPS, repeat=1),

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from perfkit import user_variants
 from perfkit.env.device import device_identity
 from perfkit.matrix.config import MatrixConfig, resolve_matrix
 from perfkit.matrix.options import OPTIONS, OptionError, option_values, selection_env
@@ -167,9 +168,12 @@ class ProgressLines:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """Name each ``perfkit.blocks`` entry point that failed to load, with its error; the rest of the run goes on."""
-    return [f"perfkit: {ENTRY_POINT_GROUP} entry point {name} failed to load: {error}"
-            for name, error in plugin_errors().items()]
+    """Name each ``perfkit.blocks`` or ``perfkit.variants`` entry point that failed to load, with its error; the
+    rest of the run goes on."""
+    failed = [(ENTRY_POINT_GROUP, plugin_errors()), (user_variants.ENTRY_POINT_GROUP,
+                                                      user_variants.variant_plugin_errors())]
+    return [f"perfkit: {group} entry point {name} failed to load: {error}"
+            for group, errors in failed for name, error in errors.items()]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -217,13 +221,15 @@ def perfkit_measure(request: pytest.FixtureRequest, benchmark):
             if matrix.block_process is None:
                 matrix.block_process = BlockProcess(matrix.device, matrix.profile.bench_shape, matrix.profile.policy,
                                                     threads=matrix.threads, memory_model=matrix.memory_model,
-                                                    pin_malloc=matrix.malloc == "pinned")
+                                                    pin_malloc=matrix.malloc == "pinned", gate_seeds=matrix.gate_seeds,
+                                                    ceilings=matrix.ceilings)
             record = matrix.block_process.measure(block, variant, mode, batch)
             store_rounds(benchmark, record.times_s)
         else:
             record = measure_cell(block, variant, mode, batch, matrix.device, bench_shape=matrix.profile.bench_shape,
                                   policy=matrix.profile.policy, run_rounds=BenchmarkRounds(benchmark),
-                                  groups=matrix.groups, threads=matrix.threads, memory_model=matrix.memory_model)
+                                  groups=matrix.groups, threads=matrix.threads, memory_model=matrix.memory_model,
+                                  gate_seeds=matrix.gate_seeds, ceilings=matrix.ceilings)
         return file_record(matrix, benchmark, record)
 
     return measure

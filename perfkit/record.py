@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "perfkit.record/1"
-STATUSES = ("ok", "failed", "oom", "error", "skipped")
-"""ok: measured and correct; failed: wrong result (correctness gate); oom: out of memory;
-error: any other exception (a compile error, say); skipped: cannot run on this device, with the reason."""
+STATUSES = ("ok", "failed", "oom", "error", "skipped", "impossible")
+"""ok: measured and correct; failed: wrong result (correctness gate, before or after timing); oom: out of
+memory; error: any other exception (a compile error, say); skipped: cannot run on this device, with the
+reason; impossible: correct, but timed far under the step's physical floor (it did not do the work it is
+counted for), its figures kept and never ranked."""
 
 
 @dataclass
@@ -82,7 +84,32 @@ class Record:
     compile_cache: str | None = None
     """``cold`` (inductor generated code for at least one graph) or ``warm`` (every graph came from inductor's
     on-disk cache, e.g. a second run on the machine): which of the two ``compile_time_s`` measured."""
+    # compile diagnostics (perfkit.measure.compile_info): None in a cell that did not compile
+    compile_graphs: int | None = None
+    """Graphs dynamo handed to the backend in the first call: 1 for a model it captured whole."""
+    graph_breaks: int | None = None
+    """Graph breaks dynamo met in the first call; the code between the graphs ran in eager Python."""
+    graph_break_reasons: list[str] | None = None
+    """The first few distinct graph-break reasons, one line each (torch's first line and explanation)."""
+    graph_broken: bool | None = None
+    """The compiled model broke into more than one graph (``graph_breaks`` > 0): the report marks it."""
+    recompiles: int | None = None
+    """Frames dynamo compiled again from the first call to the cell's end (a guard failed: a new batch size, a
+    changed flag), each in the step that met it: in warm-up or a timed round, not in ``compile_time_s``."""
+    recompile_reasons: list[str] | None = None
+    """The first few distinct guard failures that caused them (``0/0: tensor 'x' size mismatch ...``)."""
+    compile_time_split_s: dict[str, float] | None = None
+    """``compile_time_s`` by who spent it: ``dynamo`` (tracing the bytecode, guards), ``aot_autograd`` (forward
+    and backward graphs, less inductor), ``inductor`` (lowering and code generation), ``rest`` (running the
+    graphs and everything else in the first call), from torch's ``CompilationMetrics``."""
+    compile_notes: list[str] | None = None
+    """What this torch could not say (a counter it lacks) and why the fields it would fill are None."""
     warmup_time_s: float | None = None
+    fused_modules: int | None = None
+    """``triton`` cells: the fused modules the model runs (perfkit's own blocks swapped by class, and each
+    ``relu(bn(y) + s)`` or ``relu(bn(cat(...)))`` fused by pattern); a model with none is skipped instead."""
+    fused_kinds: dict[str, int] | None = None
+    """``triton`` cells: fused module class -> how many (``{"FusedResidualEpilogue": 8}``)."""
     # work
     flops_per_step: int | None = None
     tflops_per_s: float | None = None
@@ -106,11 +133,24 @@ class Record:
     predicted to fit in free memory (the timed batch is never shrunk)."""
     # correctness gate against float64
     rel_error: float | None = None
-    """Relative error of the output against the float64 reference."""
+    """Relative error of the output against the float64 reference on the timed input (the variant's first
+    call); ``gate_checks`` has every input the variant was checked on."""
     tolerance: float | None = None
     grad_rel_error: float | None = None
     """Training cells: relative error of all parameter (and, for blocks, input) gradients, flattened."""
     grad_tolerance: float | None = None
+    gate_checks: list[dict[str, Any]] | None = None
+    """Each input the variant was checked on: ``input_seed``, ``when`` (``before timing``: the gate's inputs,
+    the timed one first; ``after timing``: a fresh one), ``rel_error``, ``grad_rel_error`` and their tolerances."""
+    # the physical floor (perfkit/env/ceilings.py)
+    ceilings: dict[str, Any] | None = None
+    """The device's ceilings the floor came from, measured once per run: peak TFLOP/s (``fp32_tflops`` or
+    ``bf16_tflops``), ``copy_gb_per_s``, ``cache_bytes``, and how they were measured; None: not measured."""
+    step_time_floor_s: float | None = None
+    """The least time the step could take on ``ceilings``: FLOPs at the peak, or the bytes beyond the caches at
+    the copy bandwidth, whichever is longer (``perfkit.env.ceilings.step_floor``)."""
+    step_time_floor_bound: str | None = None
+    """Which ceiling sets the floor: ``compute`` or ``memory``."""
     # GPU-grade measurement (perfkit/env/gpu.py) and scale-out (perfkit/matrix/shard.py)
     device_times_s: list[float] | None = None
     """CUDA: one device-clock round per host round (``times_s``), the step's kernels without launch gaps."""

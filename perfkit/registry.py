@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import perfkit.zoo as zoo
+
 KINDS = ("block", "network")
 
 
@@ -59,6 +61,9 @@ def register(name: str, *, kind: str, bench_shape: tuple[int, ...], test_shape: 
     """
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} for {name!r} is not one of {KINDS}")
+    if zoo.is_zoo_name(name):
+        raise ValueError(f"{name!r}: the prefixes {', '.join(p + ':' for p in zoo.LIBRARIES)} name the model "
+                         "libraries' own models (docs/zoo.md); register it under a name without one")
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
@@ -106,6 +111,19 @@ def import_modules(modules: str | list[str]) -> list[str]:
     return sorted(set(_REGISTRY) - before)
 
 
+def load_entry_points(group: str, errors: dict[str, str]) -> None:
+    """Import every module of the entry-point ``group``. One broken package must not take the others, or the
+    built-in entries, down with it: its error is kept in ``errors`` under its name and reported (pytest's header
+    and a warning, the CLI's stderr)."""
+    for entry_point in metadata.entry_points(group=group):
+        try:
+            entry_point.load()
+        except Exception as error:
+            errors[f"{entry_point.name} ({entry_point.value})"] = f"{type(error).__name__}: {error}"
+            warnings.warn(f"perfkit: the {group} entry point {entry_point.name!r} ({entry_point.value}) failed to "
+                          f"load: {type(error).__name__}: {error}", stacklevel=3)
+
+
 def _load() -> None:
     """Import the built-in blocks, the ``perfkit.blocks`` entry points and ``$PERFKIT_IMPORT``, once."""
     global _loaded
@@ -117,26 +135,36 @@ def _load() -> None:
     # Set before the plugins load: import_modules calls back here.
     _loaded = True
 
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        # One broken package must not take the others, or the built-in blocks, down with it: its error
-        # is kept under its name and reported (pytest's header and a warning, the CLI's stderr).
-        try:
-            entry_point.load()
-        except Exception as error:
-            _PLUGIN_ERRORS[f"{entry_point.name} ({entry_point.value})"] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"perfkit: the {ENTRY_POINT_GROUP} entry point {entry_point.name!r} "
-                          f"({entry_point.value}) failed to load: {type(error).__name__}: {error}", stacklevel=2)
+    load_entry_points(ENTRY_POINT_GROUP, _PLUGIN_ERRORS)
     if os.environ.get(IMPORT_ENV):
         import_modules(os.environ[IMPORT_ENV])
 
 
+_ZOO_ENTRIES: dict[str, Entry] = {}
+"""``tv:``/``timm:`` entries resolved so far: resolving builds the model on meta and probes its test shape."""
+
+
+def _zoo_entry(name: str) -> Entry:
+    """The entry of a torchvision or timm model (``tv:resnet50``), resolved on first use (perfkit/zoo.py)."""
+    if name not in _ZOO_ENTRIES:
+        model = zoo.resolve(name)
+        _ZOO_ENTRIES[name] = Entry(name, "network", model.factory, model.bench_shape, model.test_shape,
+                                   model.description, model.kwargs)
+    return _ZOO_ENTRIES[name]
+
+
 def get_entry(name: str) -> Entry:
-    """The registry entry for ``name``; an unknown name raises a KeyError listing the valid ones."""
+    """The registry entry for ``name``; an unknown name raises a KeyError listing the valid ones.
+
+    ``tv:NAME`` and ``timm:NAME`` are torchvision's and timm's models, resolved when named; an unknown one
+    raises a KeyError with its close matches, a missing library :class:`perfkit.zoo.ZooUnavailable`.
+    """
     _load()
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown block or network {name!r}; valid names: {', '.join(sorted(_REGISTRY))}") from None
+    if zoo.is_zoo_name(name):
+        return _zoo_entry(name)
+    raise KeyError(f"unknown block or network {name!r}; valid names: {', '.join(sorted(_REGISTRY))}")
 
 
 def create(name: str, **overrides: Any) -> nn.Module:
@@ -145,9 +173,15 @@ def create(name: str, **overrides: Any) -> nn.Module:
 
 
 def list_blocks(pattern: str = "*", kind: str | None = None) -> list[str]:
-    """Sorted names matching the glob ``pattern`` (``"resnet*"``), optionally only one ``kind``."""
+    """Sorted names matching the glob ``pattern`` (``"resnet*"``), optionally only one ``kind``.
+
+    A ``tv:``/``timm:`` pattern globs over that library's own model list (``"timm:res*"``), all networks;
+    such a pattern without glob characters that names no model raises a KeyError with its close matches.
+    """
     _load()
     if kind is not None and kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    if zoo.is_zoo_name(pattern):
+        return zoo.list_models(pattern) if kind in (None, "network") else []
     return sorted(n for n, e in _REGISTRY.items()
                   if fnmatch.fnmatchcase(n, pattern) and (kind is None or e.kind == kind))

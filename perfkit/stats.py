@@ -113,6 +113,20 @@ def paired_ratio_ci(baseline: Sequence[float], times: Sequence[float], resamples
     return ratio, min(low, ratio), max(high, ratio)
 
 
+DETECTION_POWER = 0.8
+"""The chance a change of the minimal detectable effect's size is told from noise (the usual 80%)."""
+
+
+def minimal_detectable_effect(low: float, high: float, power: float = DETECTION_POWER) -> float:
+    """The smallest relative change of a ratio whose 95% interval is ``[low, high]`` that rounds as noisy as
+    these would tell from no change with probability ``power``: ``exp((z_0.975 + z_power) × se) − 1``, the
+    standard error in log space being the interval's (:func:`log_se`). With 80% power that is 1.43 times
+    the interval's half-width: a change just at the half-width is caught only half the time."""
+    if not 0 < low <= high:
+        raise ValueError(f"an interval of a positive ratio needs 0 < low <= high; got [{low}, {high}]")
+    return math.expm1((Z95 + statistics.NormalDist().inv_cdf(power)) * log_se(low, high))
+
+
 def bootstrap_ratio_ci(base_s: Sequence[float], new_s: Sequence[float], confidence: float = CONFIDENCE,
                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = SEED) -> tuple[float, float]:
     """Percentile bootstrap interval of median(new)/median(base), each run's rounds resampled on its own.

@@ -8,23 +8,53 @@ backward (for the correctness gate), and one full step (for timing).
 
 Mixed precision is autocast, as timm's ``benchmark.py --amp`` does: the weights stay float32 and the
 matmuls and convolutions run in bf16/fp16; fp16 training scales the loss with ``torch.amp.GradScaler``.
+
+A user adds atoms with :func:`perfkit.register_variant` (``perfkit/user_variants.py``), or an installed
+package through the ``perfkit.variants`` entry points. Applying a variant runs, in this order: the ``triton``
+swap, the user atoms in the order the name writes them, ``channels_last`` (so modules a user atom built are
+converted too), then ``torch.compile``; autocast wraps each call. The canonical name lists the atoms in the
+same order (the user atoms between ``triton`` and the compile mode), so it reads as what was done.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perfkit.user_variants import (
+    ENTRY_POINT_GROUP,
+    NAME_PATTERN,
+    UserVariant,
+    add_user_variant,
+    get_user_variant,
+    load_user_variants,
+    user_variant_names,
+    variant_plugin_errors,
+)
+
 VARIANTS = ("eager", "channels_last", "bf16", "fp16", "compile", "max-autotune", "cudagraphs", "triton")
-"""The atoms a variant name is made of, joined with ``+``."""
+"""The built-in atoms a variant name is made of, joined with ``+`` (user atoms: :func:`list_variants`)."""
+
+DESCRIPTIONS = {
+    "eager": "the reference module as written, float32",
+    "channels_last": "weights and input in NHWC memory format (torch.channels_last)",
+    "bf16": "autocast to bfloat16; the weights stay float32",
+    "fp16": "autocast to float16, the loss scaled by a GradScaler in training (CUDA only)",
+    "compile": "torch.compile, mode 'default' (inductor)",
+    "max-autotune": "torch.compile, mode 'max-autotune' (inductor autotunes its kernels)",
+    "cudagraphs": "torch.compile, mode 'reduce-overhead' (CUDA graphs; CUDA only)",
+    "triton": "perfkit's fused Triton kernels, swapped in by class and by pattern (perfkit.fused.fuse)",
+}
+"""One line on each built-in atom, for ``perfkit list --variants``."""
 
 MODES = ("inference", "training")
 
@@ -48,10 +78,12 @@ class Variant:
     compile_mode: str | None = None
     """None, or torch.compile's mode: "default", "max-autotune" or "reduce-overhead" (CUDA graphs)."""
     triton: bool = False
+    user: tuple[str, ...] = ()
+    """Registered user atoms, in the order they apply (:func:`perfkit.register_variant`)."""
 
     @property
     def name(self) -> str:
-        """Canonical name: atoms in the order channels_last, bf16|fp16, triton, compile mode."""
+        """Canonical name: atoms in the order channels_last, bf16|fp16, triton, user atoms, compile mode."""
         atoms = []
         if self.channels_last:
             atoms.append("channels_last")
@@ -59,6 +91,7 @@ class Variant:
             atoms.append({v: k for k, v in _AMP_DTYPES.items()}[self.amp_dtype])
         if self.triton:
             atoms.append("triton")
+        atoms += self.user
         if self.compile_mode is not None:
             atoms.append({v: k for k, v in _COMPILE_MODES.items()}[self.compile_mode])
         return "+".join(atoms) or "eager"
@@ -68,12 +101,28 @@ class Variant:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype the arithmetic runs in: "float32" unless autocast to bf16/fp16."""
-        return "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        """The dtype the arithmetic runs in: autocast's, else a user atom's, else "float32"."""
+        if self.amp_dtype is not None:
+            return str(self.amp_dtype).removeprefix("torch.")
+        return next((d for d in (get_user_variant(a).dtype for a in self.user) if d != "float32"), "float32")
 
-    def skip_reason(self, device: torch.device | str, model: nn.Module | None = None) -> str | None:
-        """Why this variant cannot run on ``device`` (for ``model``, when given), or None if it can."""
+    @property
+    def compiled(self) -> bool:
+        """The first call compiles: a torch.compile mode, or a user atom registered with ``compiles=True``."""
+        return self.compile_mode is not None or any(get_user_variant(a).compiles for a in self.user)
+
+    def uncompiled(self) -> Variant:
+        """The same transforms without the compiling atoms: the module a compiled variant hands to its compiler."""
+        return replace(self, compile_mode=None, user=tuple(a for a in self.user if not get_user_variant(a).compiles))
+
+    def skip_reason(self, device: torch.device | str, model: nn.Module | None = None,
+                    mode: str | None = None) -> str | None:
+        """Why this variant cannot run on ``device`` (for ``model`` and ``mode``, when given), or None if it can."""
         device = torch.device(device)
+        for atom in self.user:
+            reason = get_user_variant(atom).skip(device, mode)
+            if reason:
+                return reason
         cuda = device.type == "cuda"
         if self.amp_dtype is torch.float16 and not cuda:
             return "fp16 needs a CUDA GPU (CPU float16 autocast is not a target anyone deploys)"
@@ -107,12 +156,17 @@ class Variant:
         # Captured before the triton swap: the fused modules hold these very Parameters, and the gate
         # compares gradients in this order against a deep copy of the unswapped model.
         parameters = list(model.parameters())
+        record_fields: dict[str, object] = {}
         if self.triton:
-            from perfkit.fused import to_triton
+            from perfkit.fused import fuse
 
-            model = to_triton(model)
+            fusion = fuse(model)
+            model = fusion.model
+            record_fields.update(fused_modules=fusion.count, fused_kinds=fusion.kinds)
         # After the swap: a freshly built fused module starts in training mode whatever the one it replaced.
         model.train(mode == "training")
+        for atom in self.user:
+            model = get_user_variant(atom).apply(model, mode, example.device, parameters)
         x = example
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -121,7 +175,7 @@ class Variant:
         runner: Callable[[torch.Tensor], torch.Tensor] = model
         if self.compile_mode is not None:
             runner = torch.compile(model, mode=self.compile_mode)
-        return Prepared(self, model, runner, x, mode, parameters, seed=seed)
+        return Prepared(self, model, runner, x, mode, parameters, seed=seed, record_fields=record_fields)
 
 
 @dataclass
@@ -138,6 +192,8 @@ class Prepared:
     parameters: list[nn.Parameter]
     """The reference module's parameters, in its order (shared with the transformed module)."""
     seed: int = 0
+    record_fields: dict[str, object] = field(default_factory=dict)
+    """What applying the variant learned, for the cell's record (``fused_modules`` and ``fused_kinds``)."""
     optimizer: torch.optim.Optimizer | None = field(default=None, init=False)
     scaler: torch.amp.GradScaler | None = field(default=None, init=False)
     _loss_target: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -236,10 +292,13 @@ def parse_variant(name: str | Variant) -> Variant:
     if isinstance(name, Variant):
         return name
     atoms = [a.strip() for a in str(name).split("+")]
-    unknown = [a for a in atoms if a not in VARIANTS]
+    unknown = [a for a in atoms if a not in VARIANTS and a not in user_variant_names()]
     if unknown:
-        raise ValueError(f"unknown variant atom(s) {unknown} in {name!r}; valid atoms: {', '.join(VARIANTS)} "
-                         "(combine with '+', e.g. channels_last+bf16+compile)")
+        load_user_variants()
+        unknown = [a for a in unknown if a not in user_variant_names()]
+    if unknown:
+        raise ValueError(f"unknown variant atom(s) {unknown} in {name!r}; valid atoms: {', '.join(list_variants())} "
+                         "(combine with '+', e.g. channels_last+bf16+compile)" + _load_errors())
     if len(set(atoms)) != len(atoms):
         raise ValueError(f"variant {name!r} repeats an atom")
     if "eager" in atoms and len(atoms) > 1:
@@ -251,12 +310,78 @@ def parse_variant(name: str | Variant) -> Variant:
     if len(compile_atoms) > 1:
         raise ValueError(f"variant {name!r}: {' and '.join(compile_atoms)} are different torch.compile modes; "
                          f"choose one of {', '.join(_COMPILE_MODES)}")
+    user = tuple(a for a in atoms if a not in VARIANTS)
+    _check_user_atoms(str(name), user, amp, compile_atoms)
     return Variant(
         channels_last="channels_last" in atoms,
         amp_dtype=_AMP_DTYPES[amp[0]] if amp else None,
         compile_mode=_COMPILE_MODES[compile_atoms[0]] if compile_atoms else None,
         triton="triton" in atoms,
+        user=user,
     )
+
+
+def _check_user_atoms(name: str, user: tuple[str, ...], amp: list[str], compile_atoms: list[str]) -> None:
+    """Refuse what a user atom cannot combine with: a second compile, a second dtype."""
+    specs = [get_user_variant(a) for a in user]
+    compiling = [s.name for s in specs if s.compiles] + compile_atoms
+    if len(compiling) > 1:
+        raise ValueError(f"variant {name!r}: {' and '.join(compiling)} each compile the model; a model is compiled "
+                         "once, so choose one")
+    dtypes = {s.name: s.dtype for s in specs if s.dtype != "float32"}
+    if dtypes and amp:
+        raise ValueError(f"variant {name!r}: {', '.join(dtypes)} computes in {', '.join(set(dtypes.values()))} "
+                         f"itself; {amp[0]} autocast would be a second dtype, so choose one")
+    if len(set(dtypes.values())) > 1:
+        raise ValueError(f"variant {name!r}: {' and '.join(f'{a} ({d})' for a, d in dtypes.items())} compute in "
+                         "different dtypes; choose one")
+
+
+def _load_errors() -> str:
+    errors = variant_plugin_errors()
+    return "".join(f"; {ENTRY_POINT_GROUP} entry point {key} failed to load: {error}" for key, error in errors.items())
+
+
+def list_variants(pattern: str = "*") -> list[str]:
+    """The atoms matching the glob ``pattern``: the built-ins in :data:`VARIANTS`' order, then the user's, sorted."""
+    load_user_variants()
+    return [a for a in (*VARIANTS, *user_variant_names()) if fnmatch.fnmatchcase(a, pattern)]
+
+
+def describe_variant(atom: str) -> str:
+    """One line on ``atom`` (a built-in's from :data:`DESCRIPTIONS`, a user atom's as registered)."""
+    return DESCRIPTIONS[atom] if atom in DESCRIPTIONS else get_user_variant(atom).description
+
+
+def register_variant(name: str, transform: Callable[..., nn.Module], *, description: str = "",
+                     dtype: str = "float32", compiles: bool = False, modes: tuple[str, ...] = MODES,
+                     skip_reason: Callable[[torch.device], str | None] | None = None) -> UserVariant:
+    """Add the variant atom ``name``: ``transform(model, *, mode, device) -> nn.Module`` applied to each cell.
+
+    It composes with ``+`` like a built-in atom (the module's docstring gives the order atoms apply in) and
+    goes through the same correctness gate and timing. ``description`` is its line in ``perfkit list
+    --variants`` (default: the transform's docstring's first line); ``dtype`` the dtype it computes in (its
+    gate tolerance and the record's ``dtype``: ``float32``, ``bfloat16`` or ``float16``); ``compiles`` says
+    its first call compiles (timed as ``compile_time_s``, a fresh dynamo per cell, never joined with another
+    compile); ``modes`` the modes it supports (a cell in another is skipped); ``skip_reason(device)`` why it
+    cannot run on a device, or None. A name registered twice, or a built-in's, raises ValueError.
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"variant name {name!r}: use lowercase letters, digits, '_' and '-', starting with a letter "
+                         "(names are joined with '+' and listed with ','), e.g. 'int8_weights'")
+    if name in VARIANTS:
+        raise ValueError(f"variant name {name!r} is a built-in atom; built-ins: {', '.join(VARIANTS)}")
+    bad_modes = [m for m in modes if m not in MODES] if not isinstance(modes, str) else [modes]
+    if bad_modes or not modes:
+        raise ValueError(f"variant {name!r}: modes {modes!r} must be a non-empty tuple of {', '.join(MODES)}")
+    spec = UserVariant(name, transform, description or _first_line(transform.__doc__), dtype, compiles,
+                       tuple(modes), skip_reason)
+    add_user_variant(spec)
+    return spec
+
+
+def _first_line(doc: str | None) -> str:
+    return next(iter((doc or "").strip().splitlines()), "")
 
 
 def canonical_name(name: str) -> str:
@@ -291,7 +416,7 @@ def _triton_unavailable(device: torch.device, model: nn.Module | None) -> str | 
 
     names = fusable_modules(model)
     if not names and not find_patterns(model):
-        return f"no fused Triton kernel for {type(model).__name__} ({SUPPORTED})"
+        return f"triton: no fusable pattern in {type(model).__name__} ({SUPPORTED})"
     for qualified in names:
         module_name, _ = FUSED_FOR[type(model.get_submodule(qualified))]
         if importlib.util.find_spec(module_name) is None:

@@ -159,6 +159,41 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert "missing.json: cannot read" in capsys.readouterr().err
 
 
+def _write_one_record(path: Path) -> Path:
+    append_jsonl(path, Record(block="basic", variant="eager", mode="inference", dtype="float32", batch=8,
+                              status="skipped", reason="planted"))
+    return path
+
+
+@pytest.mark.parametrize("verb", ["report", "history", "profile", "launch"])
+def test_output_under_a_file_is_one_message_and_exit_2(verb, tmp_path, capsys):
+    results = _write_one_record(tmp_path / "results.jsonl")
+    (tmp_path / "a-file").write_text("not a folder")
+    folder = tmp_path / "a-file" / "reports"
+    argv = {"report": ["report", str(results), "--no-compare"], "history": ["history", str(results)],
+            "profile": ["profile", "basic", "--shape", "test", "--batch", "1"],
+            "launch": ["launch", "--shards", "1", "--executor", "local"]}[verb]
+    # Checked before any work: launch would otherwise run its shards first, profile its model.
+    assert main([*argv, "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (f"perfkit {verb}: -o {folder}: cannot create this folder: {tmp_path / 'a-file'} is a "
+                           "file, not a folder; give a folder that exists or whose nearest existing parent is a "
+                           "folder you can write in")
+
+
+def test_output_folder_without_permission_says_so(tmp_path, capsys, monkeypatch):
+    # Run as root, a read-only parent does not stop mkdir, so the refusal is planted where the OS would raise it.
+    results = _write_one_record(tmp_path / "results.jsonl")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    assert report(results, "-o", tmp_path / "locked" / "out") == 2
+    assert (f"-o {tmp_path / 'locked' / 'out'}: cannot create this folder: no permission to create folders in "
+            f"{tmp_path}") in capsys.readouterr().err
+
+
 def _render_in_chromium(url: str) -> str:
     """The DOM of ``url`` after its scripts ran, from headless Chromium (Debian's package or Playwright's)."""
     binary = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")

@@ -62,7 +62,8 @@ def test_skip_reasons_on_the_cpu(monkeypatch):
 
 def test_triton_needs_a_fusable_module_with_a_kernel(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "no fused Triton kernel for Conv2d" in parse_variant("triton").skip_reason("cpu", nn.Conv2d(3, 3, 1))
+    assert parse_variant("triton").skip_reason("cpu", nn.Conv2d(3, 3, 1)).startswith(
+        "triton: no fusable pattern in Conv2d (supported: ResidualEpilogue, DenseBlock")
 
     class Fusable(nn.Identity):
         pass
@@ -151,3 +152,54 @@ def test_triton_swap_sets_the_mode_of_the_fused_modules(monkeypatch, tmp_path):
     prepared = parse_variant("triton").apply(model, torch.randn(1, 3, 2, 2), "inference")
     assert type(prepared.module[1]).__name__ == "FakeFused"
     assert not any(m.training for m in prepared.module.modules())
+
+
+class _Epilogue(nn.Module):
+    """A residual epilogue written as torchvision writes it, and a BN-ReLU with no sum (not fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv(torch.relu(self.bn1(x))))
+        out += x
+        return torch.relu(out)
+
+
+def _interpreted_triton(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_the_triton_swap_says_what_it_fused(monkeypatch):
+    _interpreted_triton(monkeypatch)
+    import perfkit
+
+    prepared = parse_variant("triton").apply(nn.Sequential(_Epilogue(), _Epilogue()), torch.randn(1, 4, 3, 3),
+                                             "inference")
+    assert prepared.record_fields == {"fused_modules": 2, "fused_kinds": {"FusedResidualEpilogue": 2}}
+    # perfkit's own blocks are swapped by class, and counted the same way.
+    prepared = parse_variant("triton").apply(perfkit.create("basic"), torch.randn(1, 64, 4, 4), "inference")
+    assert prepared.record_fields == {"fused_modules": 1, "fused_kinds": {"FusedResidualEpilogue": 1}}
+    assert parse_variant("channels_last").apply(_Epilogue(), torch.randn(1, 4, 3, 3), "inference").record_fields == {}
+
+
+def test_a_triton_cell_records_its_fusions_and_a_model_without_any_is_skipped(monkeypatch):
+    _interpreted_triton(monkeypatch)
+    from perfkit import registry
+    from perfkit.measure import measure_cell
+
+    registry._load()
+    for cls in (_Epilogue, nn.Identity):
+        name = f"test_{cls.__name__.lower()}"
+        monkeypatch.setitem(registry._REGISTRY, name, registry.Entry(name, "block", cls, (4, 3, 3), (4, 3, 3)))
+    record = measure_cell("test__epilogue", "triton", "training", 2, "cpu", bench_shape=False)
+    # Gated in the interpreter, not timed; the record says what ran fused.
+    assert record.status == "skipped" and record.reason.startswith("correctness checked"), record.reason
+    assert record.fused_modules == 1 and record.fused_kinds == {"FusedResidualEpilogue": 1}
+    record = measure_cell("test_identity", "triton", "inference", 2, "cpu", bench_shape=False)
+    assert record.status == "skipped" and record.reason.startswith("triton: no fusable pattern in Identity")
+    assert record.rel_error is None and record.step_time_median_s is None

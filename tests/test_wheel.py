@@ -1,10 +1,12 @@
-"""``pip install perfkit`` is enough: the wheel, installed into a fresh venv, runs a user's block from outside.
+"""``pip install perfkit`` is enough: the wheel, installed into a fresh venv, runs a user's block and variant.
 
 The README's example (section "Your own model") is read from README.md and run from a directory outside
 the checkout: ``mynet.py`` registered with ``--perfkit-import``, a second block through the
 ``perfkit.blocks`` entry-point group of an "installed" package, and a broken entry point that must be
-named without stopping the run. The venv gets torch and the other dependencies from this interpreter's
-site-packages through a ``.pth`` line (no network), but its perfkit is the wheel's.
+named without stopping the run. docs/variants.md's worked example (``convbn.py``, the ``fold_bn`` variant)
+comes in through the ``perfkit.variants`` group and must be a column of the matrix and of the report. The
+venv gets torch and the other dependencies from this interpreter's site-packages through a ``.pth`` line
+(no network), but its perfkit is the wheel's; it is built once for the module's tests.
 """
 
 from __future__ import annotations
@@ -39,8 +41,25 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     return result
 
 
-@pytest.mark.slow
-def test_installed_wheel_runs_a_block_registered_outside_perfkit(tmp_path: Path) -> None:
+def _docs_file(page: str, name: str) -> str:
+    """The ```python block of ``docs/PAGE`` that starts ``# NAME``, as the docs' test writes it."""
+    text = (ROOT / "docs" / page).read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith(f"# {name}\n")]
+    return block
+
+
+def _dist_info(folder: Path, name: str, entry_points: str) -> None:
+    """An "installed" package ``name`` in ``folder`` (on PYTHONPATH), exposing ``entry_points``."""
+    dist_info = folder / f"{name}-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (dist_info / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """(the python of a fresh venv with perfkit's wheel installed, the environment to run it in)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     # Build from a copy of the sources, so the build leaves nothing in the checkout.
     source = tmp_path / "source"
     source.mkdir()
@@ -63,7 +82,14 @@ def test_installed_wheel_runs_a_block_registered_outside_perfkit(tmp_path: Path)
     (purelib / "_perfkit_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
           str(wheel)], tmp_path, env)
+    return python, env
 
+
+@pytest.mark.slow
+def test_installed_wheel_runs_a_block_registered_outside_perfkit(installed: tuple[Path, dict[str, str]],
+                                                                 tmp_path: Path) -> None:
+    python, env = installed
+    venv = python.parents[1]
     user = tmp_path / "user"
     (user / "my_benchmarks").mkdir(parents=True)
     mynet, benchmark = _readme_example()
@@ -81,11 +107,8 @@ def test_installed_wheel_runs_a_block_registered_outside_perfkit(tmp_path: Path)
             """A block from an installed package's entry point."""
             return nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
     '''))
-    dist_info = user / "otherblocks-0.1.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: otherblocks\nVersion: 0.1\n")
-    (dist_info / "entry_points.txt").write_text(
-        "[perfkit.blocks]\notherconv = otherblocks\nbroken = no_such_module_for_perfkit_test\n")
+    _dist_info(user, "otherblocks",
+               "[perfkit.blocks]\notherconv = otherblocks\nbroken = no_such_module_for_perfkit_test\n")
 
     run_env = {**env, "PYTHONPATH": str(user), "TRITON_INTERPRET": "1"}
     located = _run([str(python), "-c", "import perfkit; print(perfkit.__file__)"], user, run_env).stdout
@@ -112,3 +135,40 @@ def test_installed_wheel_runs_a_block_registered_outside_perfkit(tmp_path: Path)
     _run([str(perfkit_cli), "report", "out/bench.json", "-o", "reports"], user, run_env)
     report = "\n".join(p.read_text() for p in (user / "reports").rglob("README.md"))
     assert "mynet" in report and "otherconv" in report
+
+
+@pytest.mark.slow
+def test_installed_wheel_runs_a_variant_from_an_entry_point(installed: tuple[Path, dict[str, str]],
+                                                            tmp_path: Path) -> None:
+    # docs/variants.md's worked example, as an installed package exposing it through perfkit.variants.
+    python, env = installed
+    user = tmp_path / "user"
+    (user / "my_benchmarks").mkdir(parents=True)
+    (user / "convbn.py").write_text(_docs_file("variants.md", "convbn.py"))
+    _, benchmark = _readme_example()
+    (user / "my_benchmarks" / "test_matrix.py").write_text(benchmark)
+    _dist_info(user, "convbn", "[perfkit.variants]\nconvbn = convbn\nbroken = no_such_module_for_perfkit_test\n")
+    run_env = {**env, "PYTHONPATH": str(user)}
+
+    perfkit_cli = python.parent / "perfkit"
+    listing = _run([str(perfkit_cli), "list", "--variants"], user, run_env)
+    assert "fold_bn" in listing.stdout and "each BatchNorm folded into the convolution" in listing.stdout
+    assert "entry point broken (no_such_module_for_perfkit_test) failed to load" in listing.stderr
+
+    _run([str(python), "-m", "pytest", "my_benchmarks", "-p", "no:cacheprovider", "--perfkit-blocks=basic,resnet18",
+          "--perfkit-variants=eager,fold_bn,channels_last+fold_bn", "--perfkit-modes=inference,training",
+          "--perfkit-batches=2", "--perfkit-jsonl", "out/results.jsonl", "--benchmark-json", "out/bench.json"],
+         user, run_env)
+    records = [json.loads(line) for line in (user / "out" / "results.jsonl").read_text().splitlines()]
+    status = {(r["block"], r["variant"], r["mode"]): (r["status"], r["reason"]) for r in records}
+    for block in ("basic", "resnet18"):
+        for variant in ("fold_bn", "channels_last+fold_bn"):
+            assert status[(block, variant, "inference")] == ("ok", None), status
+            # Folding replaces the Parameters a training cell trains: skipped, as registered.
+            assert status[(block, variant, "training")][0] == "skipped", status
+    folded = [r for r in records if r["variant"] == "fold_bn" and r["status"] == "ok"]
+    assert all(r["rel_error"] <= r["tolerance"] and r["speedup_vs_eager"] > 0 for r in folded)
+
+    _run([str(perfkit_cli), "report", "out/bench.json", "-o", "reports", "--no-compare"], user, run_env)
+    report = "\n".join(p.read_text() for p in (user / "reports").rglob("README.md"))
+    assert "channels_last+fold_bn" in report and "fold_bn" in report.replace("channels_last+fold_bn", "")

@@ -7,6 +7,9 @@ with like. Kernels are imported only when a swap is asked for: ``import perfkit`
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 from torch import nn
 
 from perfkit.blocks.densenet import DenseBlock
@@ -33,8 +36,32 @@ def fusable_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def to_triton(model: nn.Module) -> nn.Module:
-    """Replace every fusable part of ``model`` in place; returns the model (or its replacement).
+@dataclass(frozen=True)
+class Fusion:
+    """What :func:`fuse` did to a model: the model (or its replacement) and the fused modules it now runs."""
+
+    model: nn.Module
+    kinds: dict[str, int]
+    """Fused module class -> how many the model runs (``{"FusedResidualEpilogue": 8}`` for a ResNet-18)."""
+
+    @property
+    def count(self) -> int:
+        """How many fused modules the model runs."""
+        return sum(self.kinds.values())
+
+
+def fused_kinds(model: nn.Module) -> dict[str, int]:
+    """Fused module class name -> how many of them ``model`` runs, sorted by name."""
+    from perfkit.fused.dense import FusedBatchNormReLU, FusedDenseBlock
+    from perfkit.fused.wrc import FusedResidualEpilogue
+
+    fused_types = (FusedResidualEpilogue, FusedDenseBlock, FusedBatchNormReLU)
+    counts = Counter(type(m).__name__ for m in model.modules() if isinstance(m, fused_types))
+    return dict(sorted(counts.items()))
+
+
+def fuse(model: nn.Module) -> Fusion:
+    """Replace every fusable part of ``model`` in place; the result says what was fused.
 
     Two passes: the class swap above for perfkit's own blocks (the fast path), then fusion by pattern
     (:mod:`perfkit.fused.pattern`: ``relu(bn(y) + s)`` and ``relu(bn(cat(...)))`` found by ``torch.fx``
@@ -55,10 +82,18 @@ def to_triton(model: nn.Module) -> nn.Module:
         # shared submodules and unfreeze a BatchNorm deliberately left in eval mode.
         fused.training = reference.training
         if name == "":
-            return fused
+            return Fusion(fused, fused_kinds(fused))
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name), attr, fused)
     model, fused_by_pattern = fuse_patterns(model)
     if not names and not fused_by_pattern:
         raise ValueError(f"{type(model).__name__} has no module with a fused Triton kernel ({SUPPORTED})")
-    return model
+    return Fusion(model, fused_kinds(model))
+
+
+def to_triton(model: nn.Module) -> nn.Module:
+    """Replace every fusable part of ``model`` in place; returns the model (or its replacement).
+
+    :func:`fuse` without the account of what was fused.
+    """
+    return fuse(model).model

@@ -11,16 +11,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import perfkit
+from perfkit.env.ceilings import run_ceilings
 from perfkit.env.machine import default_threads, pin_malloc
 from perfkit.matrix.options import (
     OptionError,
     parse_batches,
     parse_blocks,
     parse_device,
+    parse_gate_seeds,
     parse_import,
     parse_isolate,
     parse_jsonl,
@@ -36,7 +39,7 @@ from perfkit.matrix.options import (
 from perfkit.matrix.plan import CellCost
 from perfkit.matrix.profiles import KERNEL_VARIANTS, PROFILES, Profile
 from perfkit.matrix.workers import BlockProcess, visible_gpus
-from perfkit.measure import GroupCache
+from perfkit.measure import GATE_SEEDS, GroupCache
 from perfkit.record import Record
 from perfkit.registry import IMPORT_ENV, import_modules
 from perfkit.variants import parse_variant
@@ -63,6 +66,11 @@ class MatrixConfig:
     """None: :func:`perfkit.env.machine.default_threads`, judged when the first cell is about to run."""
     memory_model: str = "auto"
     malloc: str = "pinned"
+    gate_seeds: int = GATE_SEEDS
+    """Inputs the correctness gate checks each cell on before timing (``--perfkit-gate-seeds``)."""
+    ceilings: dict[str, Any] | None = None
+    """The device's ceilings, measured before the first cell (:func:`perfkit.env.ceilings.run_ceilings`): every
+    cell's physical floor, and its record's ``ceilings``."""
     records: list[Record] = field(default_factory=list)
     """Every record of the session, for the terminal summary."""
     groups: GroupCache = field(default_factory=GroupCache)
@@ -83,11 +91,14 @@ class MatrixConfig:
         """Set the process up for the cells, once, and return the intra-op threads every cell runs with:
         ``--perfkit-threads``, else judged before the first cell (:func:`perfkit.env.machine.default_threads`).
         glibc's malloc thresholds are pinned (:func:`perfkit.env.machine.pin_malloc`) unless
-        ``--perfkit-malloc default``."""
+        ``--perfkit-malloc default``; the device's ceilings are measured (:attr:`ceilings`)."""
         if self.malloc == "pinned":
             pin_malloc()
         if self.threads is None:
             self.threads = default_threads()
+        if self.ceilings is None:
+            # Once per run (per process under xdist), at the cells' threads: what bounds every cell's time.
+            self.ceilings = run_ceilings(self.device, self.threads)
         return self.threads
 
     def isolation(self, kind: str) -> str:
@@ -174,6 +185,8 @@ def resolve_matrix(values: Mapping[str, str | None], *, xdist_worker: bool = Fal
     threads = parse_threads(values.get("threads"))
     malloc = parse_malloc(values.get("malloc"))
     memory_model = parse_memory_model(values.get("memory_model"))
+    gate_seeds = parse_gate_seeds(values.get("gate_seeds"))
     jsonl = parse_jsonl(values.get("jsonl"))
     return MatrixConfig(profile_name, profile, device, blocks, variants, modes, batches, jsonl, kernels, shard, isolate,
-                        xdist_worker=xdist_worker, threads=threads, memory_model=memory_model, malloc=malloc)
+                        xdist_worker=xdist_worker, threads=threads, memory_model=memory_model, malloc=malloc,
+                        gate_seeds=gate_seeds)

@@ -20,9 +20,10 @@ from perfkit.env.device import default_device
 from perfkit.env.machine import available_cores
 from perfkit.matrix import shard
 from perfkit.matrix.profiles import KERNELS, PROFILES
-from perfkit.measure import MEMORY_MODELS
-from perfkit.registry import IMPORT_ENV
+from perfkit.measure import GATE_SEEDS, MEMORY_MODELS
+from perfkit.registry import IMPORT_ENV, list_blocks
 from perfkit.variants import MODES, parse_variant
+from perfkit.zoo import is_zoo_name
 
 MALLOC_CHOICES = ("pinned", "default")
 """``--perfkit-malloc``: glibc's thresholds pinned before the first cell, or glibc's moving ones."""
@@ -84,6 +85,9 @@ OPTIONS = (
            f"glibc malloc for the cells: {', '.join(MALLOC_CHOICES)} (default: pinned thresholds, the same whatever "
            "ran before a cell)"),
     Option("--perfkit-isolate", "PERFKIT_ISOLATE", "measure each block's cells in a fresh process", switch=True),
+    Option("--perfkit-gate-seeds", "PERFKIT_GATE_SEEDS",
+           f"inputs the correctness gate checks each cell on before timing, the timed one among them (default: "
+           f"{GATE_SEEDS}); one more, never seen before, is checked after timing"),
 )
 """Every ``--perfkit-*`` option, in ``pytest --help``'s order; the plugin registers exactly these."""
 
@@ -134,7 +138,11 @@ def parse_blocks(text: str | None, registered: list[str], default: tuple[str, ..
         return [n for n in registered if any(fnmatch.fnmatchcase(n, p) for p in default)]
     blocks: list[str] = []
     for pattern in _split(text):
-        matches = fnmatch.filter(registered, pattern)
+        try:
+            # tv:/timm: names are the model libraries' own, resolved when named (perfkit/zoo.py).
+            matches = list_blocks(pattern) if is_zoo_name(pattern) else fnmatch.filter(registered, pattern)
+        except KeyError as error:  # an unknown model (with its close matches) or a missing library
+            raise OptionError(f"--perfkit-blocks: {error.args[0]}") from None
         if not matches:
             raise OptionError(f"--perfkit-blocks: {pattern!r} matches no registered block or network; "
                               f"valid names: {', '.join(registered)}")
@@ -241,6 +249,21 @@ def parse_malloc(text: str | None) -> str:
     if malloc not in MALLOC_CHOICES:
         raise OptionError(f"--perfkit-malloc {malloc!r}: valid choices are {', '.join(MALLOC_CHOICES)}")
     return malloc
+
+
+def parse_gate_seeds(text: str | None) -> int:
+    """``--perfkit-gate-seeds``: how many inputs the gate checks before timing, at least 1 (default:
+    :data:`perfkit.measure.GATE_SEEDS`)."""
+    if not text:
+        return GATE_SEEDS
+    try:
+        seeds = int(text)
+    except ValueError:
+        seeds = 0
+    if seeds < 1:
+        raise OptionError(f"--perfkit-gate-seeds {text!r}: give a positive integer, the inputs checked before timing "
+                          f"(1 is the timed input alone; default {GATE_SEEDS})")
+    return seeds
 
 
 def parse_isolate(text: str | None) -> bool:

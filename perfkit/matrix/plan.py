@@ -121,7 +121,7 @@ def estimate_cell(cell: str, block: str, variant: str, mode: str, batch: int, *,
     timing_s = 2 * min(rounds * step_s, max_time_s)
     run_s = CELL_OVERHEAD_S + gate_s + warmup_s + step_s + timing_s + FLOP_COUNT_S_PER_OP * leaves
     compile_s = 0.0
-    if parsed.compile_mode is not None:
+    if parsed.compiled:
         compile_s = (COMPILE_BASE_S + COMPILE_S_PER_OP * leaves) * (COMPILE_TRAINING_FACTOR if training else 1)
     return CellCost(cell, compile_s, run_s, step_s)
 

@@ -5,7 +5,7 @@ kernel's cell), ``timing``, ``correctness``, ``memory``, ``counts`` and ``memory
 """
 
 from perfkit.measure.cell import MEMORY_MODELS, measure_cell
-from perfkit.measure.correctness import GroupCache, GroupState, eager_gate
+from perfkit.measure.correctness import GATE_SEEDS, GroupCache, GroupState, eager_gate
 from perfkit.measure.counts import StepCounts, step_counts, step_flops
 from perfkit.measure.kernel import KernelBench, KernelCase, measure_kernel
 from perfkit.measure.timing import (
@@ -25,8 +25,8 @@ from perfkit.measure.timing import (
 )
 
 __all__ = [
-    "MEMORY_MODELS", "QUICK_POLICY", "BenchmarkRounds", "GroupCache", "GroupState", "KernelBench", "KernelCase",
-    "PairRunner", "RoundRunner", "StepCounts", "SyncedStep", "TimingPolicy", "adaptive_pairs", "adaptive_rounds",
-    "clock_rounds", "eager_gate", "measure_cell", "measure_kernel", "pair_block", "paired_rounds", "step_counts",
-    "step_flops", "stop_reason", "warm_up",
+    "GATE_SEEDS", "MEMORY_MODELS", "QUICK_POLICY", "BenchmarkRounds", "GroupCache", "GroupState", "KernelBench",
+    "KernelCase", "PairRunner", "RoundRunner", "StepCounts", "SyncedStep", "TimingPolicy", "adaptive_pairs",
+    "adaptive_rounds", "clock_rounds", "eager_gate", "measure_cell", "measure_kernel", "pair_block", "paired_rounds",
+    "step_counts", "step_flops", "stop_reason", "warm_up",
 ]

@@ -10,9 +10,11 @@ A cell is a :class:`Cell` value taken through its phases (:data:`PHASES`), in th
 3. **Build** the model and input under a fixed seed, and the group's float64 reference and eager cell
    (``perfkit.measure.correctness``; once per group, shared by its variants).
 4. **First call** of the variant on the gate's batch; for a compiled variant it is the compile
-   (``compile_time_s``, ``compile_cache``).
-5. **Gate**: the first call's output (and gradients, in training) against the float64 reference; a cell
-   over tolerance is ``failed`` and is not timed, so it can never read as a speedup.
+   (``compile_time_s``, ``compile_cache``, and what dynamo made of the model: graphs, graph breaks, recompiles
+   until the cell ends, the compile time split; ``perfkit.measure.compile_info``).
+5. **Gate**: the first call's output (and gradients, in training) against the float64 reference, and the
+   same on the gate's other inputs (``gate_seeds``); a cell over tolerance on any is ``failed`` and is not
+   timed, so it can never read as a speedup.
 6. **Interpreter skip**: a Triton variant under ``TRITON_INTERPRET=1`` is gated but not timed.
 7. **Warm-up until steady**: batches of steps until two consecutive batches agree on the time per step
    within a few percent (or a time cap); a paired cell warms the group's eager too, once per group.
@@ -22,9 +24,12 @@ A cell is a :class:`Cell` value taken through its phases (:data:`PHASES`), in th
    with the group's warm eager (``speedup_vs_eager`` with a paired-bootstrap interval).
 10. **GPU re-time**: on a GPU, the rounds are timed again once if the clock fell during them, and the
     device clock's fields are recorded (``perfkit.env.gpu``).
-11. **Load**: the machine's load from warm-up to the last round (``contended``, ``machine_load``).
-12. **Statistics**: the median, its intervals and why timing stopped, and the FLOPs of one step
-    (``perfkit.measure.counts``, on the meta device) -> the ``ok`` record.
+11. **Post-timing check** on a fresh input: a variant whose output went stale or comes from a cache fails.
+12. **Load**: the machine's load from warm-up to the last round (``contended``, ``machine_load``).
+13. **Statistics**: the median, its intervals and why timing stopped, and the FLOPs of one step
+    (``perfkit.measure.counts``, on the meta device).
+14. **Floor**: the step's least possible time on the run's ceilings (``perfkit.env.ceilings``); a median far
+    under it is ``impossible``, never ranked; else the ``ok`` record.
 
 Every failure of a cell becomes its record: ``oom`` (the allocator emptied), ``error`` (a compile error,
 say, with the message and the stage it happened in); the caller's loop goes on.
@@ -41,18 +46,24 @@ from typing import Any
 import torch
 from torch import nn
 
+import perfkit.measure.memory_model as _memory_model
+from perfkit.env.ceilings import bytes_lower_bound, impossible_reason, step_floor
 from perfkit.env.device import device_identity
 from perfkit.env.gpu import DeviceClockRounds
-from perfkit.measure import memory_model as _memory_model
+from perfkit.measure.compile_info import CompileWatch
 from perfkit.measure.correctness import (
+    GATE_SEEDS,
+    GateCheck,
     GroupCache,
     GroupState,
-    first_call,
-    gate_errors,
+    check_fields,
+    check_on,
     gate_rule,
     group_state,
-    over_tolerance,
+    recheck,
+    set_tolerances,
     tolerance_dtype,
+    verdict,
 )
 from perfkit.measure.counts import step_counts
 from perfkit.measure.memory import live_bytes, step_memory
@@ -73,7 +84,6 @@ from perfkit.measure.timing import (
 )
 from perfkit.record import Record
 from perfkit.registry import Entry, get_entry
-from perfkit.testing import EAGER_SANITY_TOLERANCE, GRAD_REL_TOLERANCE, REL_TOLERANCE, gate_tolerance
 from perfkit.variants import MODES, Prepared, Variant, parse_variant, triton_interpreted
 
 TIMER = "time.perf_counter around one step that ends in a device synchronization"
@@ -119,8 +129,12 @@ class Cell:
     group: GroupState | None = None
     prepared: Prepared | None = None
     first_call_s: float = 0.0
-    errors: tuple[float, float | None] = (0.0, None)
-    """The first call's output and gradient errors against the float64 reference."""
+    gate_seeds: int = GATE_SEEDS
+    """Inputs the gate checks before timing (``perfkit.measure.correctness``)."""
+    ceilings: dict[str, Any] | None = None
+    """The device's ceilings, measured once per run: the cell's physical floor (None: no floor)."""
+    checks: list[GateCheck] = field(default_factory=list)
+    """The variant's errors on each input against the float64 reference, the timed input's first."""
     timed_step: SyncedStep | None = None
     baseline: Prepared | None = None
     """The group's eager, timed beside a paired variant; None when unpaired."""
@@ -129,6 +143,8 @@ class Cell:
     eager_step_s: float = 0.0
     """Time per step of the variant and of eager after warm-up: they size the pairs' blocks."""
     watch: MachineWatch | None = None
+    compile_watch: CompileWatch | None = None
+    """A compiled cell's view of dynamo and inductor from its first call on (``perfkit.measure.compile_info``)."""
     times: list[float] = field(default_factory=list)
     eager_times: list[float] = field(default_factory=list)
 
@@ -138,7 +154,9 @@ class Cell:
         return self.variant.name == "eager" and not self.paired
 
     def record(self, status: str, reason: str | None = None) -> Record:
-        """The cell's record with its fields so far."""
+        """The cell's record with its fields so far (a compiled cell's recompiles counted up to now)."""
+        if self.compile_watch is not None:
+            self.fields.update(self.compile_watch.cell_fields())
         return Record(status=status, reason=reason, **self.fields)
 
 
@@ -147,7 +165,7 @@ def _skip_check(cell: Cell) -> Record | None:
     cell.stages.enter("build")
     with torch.device("meta"):
         cell.fields["params"] = sum(p.numel() for p in cell.entry.create().parameters())
-        reason = cell.variant.skip_reason(cell.device, cell.entry.create())
+        reason = cell.variant.skip_reason(cell.device, cell.entry.create(), cell.mode)
     return cell.record("skipped", reason) if reason else None
 
 
@@ -207,10 +225,11 @@ def _build(cell: Cell) -> None:
                                            generator=torch.Generator().manual_seed(cell.seed + 1))
     cell.sync = synchronizer(cell.device)
     group_key = (cell.mode, cell.batch)
-    group = cell.groups.get((cell.entry.name, str(cell.device), cell.bench_shape, cell.seed), group_key)
+    group = cell.groups.get((cell.entry.name, str(cell.device), cell.bench_shape, cell.seed, cell.gate_seeds),
+                            group_key)
     if group is None:
         group = group_state(cell.entry, cell.mode, cell.batch, cell.device, cell.bench_shape, cell.seed,
-                            cell.tol_dtype, cell.stages, cell.gate_batch, cell.sync)
+                            cell.tol_dtype, cell.stages, cell.gate_batch, cell.sync, cell.gate_seeds)
         cell.groups.put(group_key, group)
     cell.group = group
     # The group's reference decides the gate's batch (its first cell planned it).
@@ -224,11 +243,11 @@ def _first_call(cell: Cell) -> None:
     if cell.timed_is_eager:
         # The eager cell is the group's eager, gated already against its own bound.
         cell.prepared, cell.first_call_s = group.eager, group.eager_first_call_s
-        cell.errors = (group.eager_error, group.eager_grad_error)
+        cell.checks = list(group.eager_checks)
         cell.model = cell.inputs = None
         return
     cell.stages.enter("variant")
-    compiled = cell.variant.compile_mode is not None
+    compiled = cell.variant.compiled
     if compiled:
         # A fresh trace per cell: kept, dynamo's cache would compile a second batch size with a dynamic
         # batch dimension (automatic dynamic shapes: other kernels than a static compile's) and count
@@ -237,48 +256,32 @@ def _first_call(cell: Cell) -> None:
         torch._dynamo.reset()
     cell.prepared = cell.variant.apply(cell.model, cell.inputs, cell.mode,
                                        input_requires_grad=cell.entry.kind == "block", seed=cell.seed)
+    cell.fields.update(cell.prepared.record_fields)
     cell.model = cell.inputs = None
     cell.stages.enter("compile" if compiled else "first call", "first call (compile)" if compiled else "first call")
-    misses = _inductor_cache_misses()
-    out, grads, cell.first_call_s = first_call(cell.prepared, cell.mode, cell.seed, cell.sync, group.gate_batch)
+    cell.compile_watch = CompileWatch() if compiled else None
+    first, cell.first_call_s = check_on(cell.prepared, cell.mode, group.references[0], cell.sync)
     if compiled:
-        cell.fields["compile_time_s"] = cell.first_call_s
-        cell.fields["compile_cache"] = "cold" if _inductor_cache_misses() > misses else "warm"
+        cell.fields.update(cell.compile_watch.first_call_fields(cell.first_call_s))
     cell.stages.enter("correctness gate")
-    cell.errors = gate_errors(out, grads, group)
-    del out, grads
-    cell.prepared.zero_grad()
-
-
-def _inductor_cache_misses() -> int:
-    """Graphs inductor compiled so far in this process (FX graph cache misses; bypasses count as misses)."""
-    from torch._dynamo.utils import counters
-
-    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_bypass"]
+    # The gate's other inputs: a variant answering with its first output, or from a cache, fails on them.
+    cell.checks = [first] + [check_on(cell.prepared, cell.mode, r, cell.sync)[0] for r in group.references[1:]]
 
 
 def _gate(cell: Cell) -> Record | None:
-    """Hold the first call's errors to the cell's tolerance: a cell over it is ``failed`` and never timed."""
-    group, tol_dtype = cell.group, cell.tol_dtype
-    error, grad_error = cell.errors
-    eager_ok = group.eager is not None
-    if cell.timed_is_eager:
-        tolerance, grad_tolerance = EAGER_SANITY_TOLERANCE.get(tol_dtype, (REL_TOLERANCE[tol_dtype],
-                                                                          GRAD_REL_TOLERANCE[tol_dtype]))
-    else:
-        tolerance = gate_tolerance(tol_dtype, group.eager_error if eager_ok else None)
-        grad_tolerance = gate_tolerance(tol_dtype, group.eager_grad_error if eager_ok else None, gradients=True)
-    if cell.mode != "training":
-        grad_tolerance = None
-    cell.fields.update(rel_error=error, grad_rel_error=grad_error, tolerance=tolerance, grad_tolerance=grad_tolerance)
-    if cell.timed_is_eager and not eager_ok:
+    """Hold the variant's errors on each of the gate's inputs to the cell's tolerance: a cell over it on any is
+    ``failed`` and never timed."""
+    group = cell.group
+    if not cell.timed_is_eager:  # the eager cell's checks are the group's, held to eager's own bound
+        set_tolerances(cell.checks, group, cell.tol_dtype, cell.mode, eager_itself=False)
+    cell.fields.update(check_fields(cell.checks))
+    if cell.timed_is_eager and group.eager is None:
         return cell.record("failed", group.eager_failure)
-    failures = over_tolerance(error, grad_error, tolerance, grad_tolerance)
-    if not failures:
+    reason = verdict(cell.checks, gate_rule(cell.tol_dtype, group.eager is not None, cell.timed_is_eager))
+    if reason is None:
         return None
     cell.fields["wall_split_s"] = cell.stages.close()
-    return cell.record("failed", f"{'; '.join(failures)} ({tol_dtype}: {gate_rule(tol_dtype, eager_ok)}) against "
-                                 "the float64 reference")
+    return cell.record("failed", reason)
 
 
 def _interpreter_skip(cell: Cell) -> Record | None:
@@ -306,7 +309,7 @@ def _warm_up(cell: Cell) -> None:
         group.eager_warm = True
     # An eager variant's first call (cuDNN's algorithm search, allocator growth) is warm-up too.
     cell.fields.update(warmup_steps=steps,
-                       warmup_time_s=seconds + (0.0 if cell.variant.compile_mode is not None else cell.first_call_s))
+                       warmup_time_s=seconds + (0.0 if cell.variant.compiled else cell.first_call_s))
 
 
 def _warm_eager(cell: Cell) -> float:
@@ -364,6 +367,21 @@ def _gpu_retime(cell: Cell) -> None:
     cell.fields.update(clock.record_fields())
 
 
+def _recheck(cell: Cell) -> Record | None:
+    """The variant once more after its timed steps, on an input it has never seen: one whose output went stale
+    or comes from a cache is ``failed``, never ranked."""
+    cell.stages.enter("post-timing check")
+    check = recheck(cell.prepared, cell.group, cell.mode, cell.sync)
+    set_tolerances([check], cell.group, cell.tol_dtype, cell.mode, eager_itself=cell.timed_is_eager)
+    cell.checks.append(check)
+    cell.fields.update(check_fields(cell.checks))
+    reason = verdict([check], gate_rule(cell.tol_dtype, cell.group.eager is not None, cell.timed_is_eager))
+    if reason is None:
+        return None
+    cell.fields["wall_split_s"] = cell.stages.close(timed_s=sum(cell.times) + sum(cell.eager_times))
+    return cell.record("failed", reason)
+
+
 def _load(cell: Cell) -> None:
     """The machine's load over warm-up and rounds, and whether other work crowded the cell."""
     cell.fields.update(cell.watch.fields(cell.fields["threads"], len(cell.times) + len(cell.eager_times)))
@@ -386,9 +404,22 @@ def _statistics(cell: Cell) -> None:
     cell.fields["wall_split_s"] = cell.stages.close(timed_s=sum(cell.times) + sum(cell.eager_times))
 
 
+def _floor(cell: Cell) -> Record | None:
+    """The step's physical floor on the run's ceilings (``perfkit.env.ceilings``); a median far under it is
+    ``impossible``: the step did not do the work it is counted for, and is never ranked."""
+    fields = cell.fields
+    bytes_moved = bytes_lower_bound(fields.get("params"), fields.get("input_shape"), fields["dtype"], cell.mode)
+    floor = step_floor(fields.get("flops_per_step"), bytes_moved, cell.ceilings, fields["dtype"])
+    if floor is None:
+        return None
+    fields.update(step_time_floor_s=floor.step_time_s, step_time_floor_bound=floor.bound)
+    reason = impossible_reason(floor, fields["step_time_median_s"])
+    return cell.record("impossible", reason) if reason else None
+
+
 PHASES: tuple[Callable[[Cell], Record | None], ...] = (
     _skip_check, _memory_plan, _build, _first_call, _gate, _interpreter_skip, _warm_up, _memory, _timing,
-    _gpu_retime, _load, _statistics,
+    _gpu_retime, _recheck, _load, _statistics, _floor,
 )
 """A cell's phases in order (the module's docstring says why); one that returns a record ends the cell."""
 
@@ -405,14 +436,17 @@ def _run_cell(cell: Cell) -> Record:
 def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, device: torch.device | str, *,
                  bench_shape: bool, seed: int = 0, policy: TimingPolicy | None = None,
                  run_rounds: RoundRunner = clock_rounds, flops: bool = True, paired: bool | None = None,
-                 groups: GroupCache | None = None, threads: int | None = None, memory_model: str = "auto") -> Record:
+                 groups: GroupCache | None = None, threads: int | None = None, memory_model: str = "auto",
+                 gate_seeds: int = GATE_SEEDS, ceilings: dict[str, Any] | None = None) -> Record:
     """Gate, warm up, measure memory, time and count one cell; every failure becomes the record's status.
 
     ``run_rounds`` runs the timed rounds (the benchmark passes one that records them in pytest-benchmark).
     ``paired`` interleaves the variant's rounds with eager's (default: every variant but eager itself);
     ``groups`` shares the float64 reference and the warm eager cell between the cells of a group (default:
     nothing shared); ``threads`` sets torch's intra-op threads for the cell (default: as they are);
-    ``memory_model`` says when the memory model predicts the cell (:data:`MEMORY_MODELS`).
+    ``memory_model`` says when the memory model predicts the cell (:data:`MEMORY_MODELS`); ``gate_seeds`` how
+    many inputs the gate checks before timing; ``ceilings`` the device's, measured once per run
+    (``perfkit.env.ceilings.run_ceilings``), bound the step's time (default: no floor, never ``impossible``).
     Raises only for a bad argument (unknown block, variant or mode), never for a cell that fails.
     """
     entry = get_entry(name)
@@ -423,6 +457,8 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
         raise ValueError(f"threads must be a positive integer, got {threads}")
     if memory_model not in MEMORY_MODELS:
         raise ValueError(f"unknown memory_model {memory_model!r}; valid: {', '.join(MEMORY_MODELS)}")
+    if gate_seeds < 1:
+        raise ValueError(f"gate_seeds must be at least 1 (the timed input), got {gate_seeds}")
     device = torch.device(device)
     if device.type == "cuda" and not isinstance(run_rounds, DeviceClockRounds):
         run_rounds = DeviceClockRounds(run_rounds, device)  # the device's clock beside the host's
@@ -433,7 +469,7 @@ def measure_cell(name: str, variant: str | Variant, mode: str, batch: int, devic
                     memory_model, tolerance_dtype(variant, device), fields=dict(
                         block=name, variant=variant.name, mode=mode, dtype=variant.compute_dtype, batch=batch,
                         kind=entry.kind, input_shape=[batch, *shape], device=device_identity(device), timer=TIMER,
-                        threads=cell_threads))
+                        threads=cell_threads, ceilings=ceilings), gate_seeds=gate_seeds, ceilings=ceilings)
         try:
             return _run_cell(cell)
         except Exception as error:  # every failure of a cell is recorded, the matrix goes on

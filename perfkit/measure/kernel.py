@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from perfkit.env.device import device_identity
+from perfkit.measure.compile_info import CompileWatch
 from perfkit.measure.stages import Stages, failure, interpreted_reason, intra_op_threads
 from perfkit.measure.timing import (
     BenchmarkRounds,
@@ -217,11 +218,12 @@ def _first_call(cell: _KernelCell) -> tuple[torch.Tensor, list[torch.Tensor], to
     stages.enter("compile" if compiled else "first call", "first call (compile)" if compiled else "first call")
     cell.fn = _implementation(bench, cell.variant)
     cell.sync = synchronizer(cell.device)
+    watch = CompileWatch() if compiled else None
     start = time.perf_counter()
     out, grads = _run(cell.fn, cell.case.clone(), cell.grad_out)
     cell.sync()
-    if compiled:
-        cell.fields["compile_time_s"] = time.perf_counter() - start
+    if watch is not None:
+        cell.fields.update(watch.first_call_fields(time.perf_counter() - start))
     return out, grads, ref_out, ref_grads
 
 

@@ -228,9 +228,9 @@ def predict_step_memory(name: str, variant: str | Variant = "eager", mode: str =
         raise ValueError(f"device {device.type!r}: the memory model predicts for cpu or cuda")
     shape = tuple(shape) if shape is not None else (entry.bench_shape if bench_shape else entry.test_shape)
     notes = []
-    if variant.compile_mode is not None:
+    if variant.compiled:
         notes.append(f"{variant.name} predicted as its eager module: the tracker cannot see inside a compiled graph")
-        variant = Variant(variant.channels_last, variant.amp_dtype, None, variant.triton)
+        variant = variant.uncompiled()
     # allow_non_fake_inputs: constants made inside the model's code (a torch.tensor(...) in a forward) stay real.
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device(device):
         torch.manual_seed(seed)
@@ -244,7 +244,7 @@ def predict_step_memory(name: str, variant: str | Variant = "eager", mode: str =
         x = torch.empty((batch, *shape), dtype=dtype)
         if variant.channels_last:
             model, x = _to_channels_last(model), x.contiguous(memory_format=torch.channels_last)
-            variant = Variant(False, variant.amp_dtype, None, variant.triton)
+            variant = replace(variant, channels_last=False)
         prepared = variant.apply(model, x, mode, input_requires_grad=entry.kind == "block", seed=seed)
         if mode == "training":
             prepared.step()  # allocates what every later step reuses: SGD's momentum, the loss target
@@ -317,8 +317,8 @@ def _cached_prediction(name: str, variant: str, mode: str, batch: int, bench_sha
     and a compiled variant predicts as its eager module. Registering a block again under a name already
     predicted is not seen (the registry refuses a second registration)."""
     variant_parsed = parse_variant(variant)
-    if variant_parsed.compile_mode is not None:
-        eager_module = Variant(variant_parsed.channels_last, variant_parsed.amp_dtype, None, variant_parsed.triton)
+    if variant_parsed.compiled:
+        eager_module = variant_parsed.uncompiled()
         base = _cached_prediction(name, eager_module.name, mode, batch, bench_shape, device, dtype, seed)
         return replace(base, variant=variant_parsed.name, notes=[
             *base.notes, f"{variant_parsed.name} predicted as its eager module: the tracker cannot see inside a "

@@ -191,7 +191,7 @@ def compare_records(base: list[Record], new: list[Record], *, threshold: float =
         b, n = base_cells[key], new_cells[key]
         label = _label(key, cross_device)
         if b.status != n.status:
-            broke = b.status == "ok" and n.status in ("failed", "oom", "error")
+            broke = b.status == "ok" and n.status in ("failed", "oom", "error", "impossible")
             comparison.findings.append(Finding(label, "status", b.status, n.status, regression=broke))
         _compare_counters(label, b, n, comparison.findings)
         if b.status == n.status == "ok" and b.times_s and n.times_s:

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from perfkit.env.ceilings import bytes_lower_bound, floor_fraction
+from perfkit.env.ceilings import peak_tflops as peak_tflops  # the report's texts and plots read it from here
 from perfkit.record import Record
 from perfkit.results.load import device_name, device_slug, memory_is_exact
 from perfkit.stats import bootstrap_ratio_ci, geomean_interval
@@ -32,13 +34,25 @@ FAST_P_THRESHOLDS = (0.0, 0.1, 0.5, 1.0)
 """The p of the fast_p the summaries state (a speedup's interval wholly above 1 + p)."""
 PREDICTED_CATEGORIES = ("activations", "temporaries")
 """The memory model's categories the report shows beside the measured peak (the rest sit in the prediction)."""
-ELEMENT_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
-"""Bytes per element of a cell's compute dtype: the fewest its tensors can be stored in, for the lower bound."""
 
 
 def has_value(value: Any) -> bool:
     """Whether a frame's field holds a value: not None and not NaN (pandas' empty cell)."""
     return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def worst_gate_check(checks: Any) -> dict[str, Any] | None:
+    """Of a record's ``gate_checks``, the one furthest over (or nearest to) its tolerance, output or gradients;
+    None without checks."""
+    if not isinstance(checks, list) or not checks:
+        return None
+
+    def severity(check: dict[str, Any]) -> float:
+        return max((check[err] / check[tol] for err, tol in (("rel_error", "tolerance"),
+                                                               ("grad_rel_error", "grad_tolerance"))
+                    if has_value(check.get(err)) and check.get(tol)), default=0.0)
+
+    return max(checks, key=severity)
 
 
 def _get(row: Any, name: str) -> Any:
@@ -81,8 +95,15 @@ def _predicted_columns(prediction: dict[str, Any] | None) -> dict[str, Any]:
     return {f"predicted_{c}_at_peak_bytes": at_peak.get(c) for c in PREDICTED_CATEGORIES}
 
 
+def _split_columns(split: dict[str, float] | None) -> dict[str, float]:
+    """The record's ``compile_time_split_s`` flattened for the frame: ``compile_dynamo_s`` and so on, a column
+    per part."""
+    return {f"compile_{part}_s": seconds for part, seconds in (split or {}).items()}
+
+
 def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
-    """One row per cell, every record field but the raw rounds, plus the ratios against ``eager``.
+    """One row per cell, every record field but the raw rounds, plus the ratios against ``eager`` and
+    ``floor_fraction``, the step's physical floor over its median (``perfkit.env.ceilings.floor_fraction``).
 
     ``speedup_vs_eager`` is the cell's speedup over eager (``speedup_interval``) with ``speedup_ci_low`` and
     ``speedup_ci_high``, its 95% interval, and ``speedup_method``. ``memory_ratio_vs_eager`` is the cell's
@@ -100,6 +121,7 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
         device = row.pop("device")
         row = {"device_slug": device_slug(device), "device_name": device_name(device), **row}
         row.update(_predicted_columns(row.pop("predicted_memory", None)))
+        row.update(_split_columns(row.pop("compile_time_split_s", None)))
         for flag in FLAGS:
             row[flag] = getattr(r, flag, None)
         speedup = speedup_interval(r, eager.get(group_of(r)))
@@ -120,6 +142,8 @@ def summary_frame(records: Sequence[Record]) -> pd.DataFrame:
     frame["memory_ratio_ci_low"] = frame["memory_ratio_vs_eager"].where(frame["_memory_exact"])
     frame["memory_ratio_ci_high"] = frame["memory_ratio_vs_eager"].where(frame["_memory_exact"])
     frame = frame.drop(columns=["_ref_memory", "_memory_exact"])
+    frame["floor_fraction"] = [floor_fraction(f if has_value(f) else None, m if has_value(m) else None)
+                               for f, m in zip(frame["step_time_floor_s"], frame["step_time_median_s"], strict=True)]
     return frame.sort_values(["device_slug", "kind", "block", "mode", "batch", "variant"], kind="stable",
                              ignore_index=True)
 
@@ -237,29 +261,17 @@ def geomean_speedups(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def bytes_moved_lower_bound(row: pd.Series | Any) -> float | None:
-    """The fewest bytes a block's step can move: its weights and its input read once each (training: weights
-    read in forward and backward and their gradients written, input read twice), in its compute dtype.
-
-    A cell's own ``bytes_per_step`` (a kernel's exact count) comes first. The bound ignores activations
-    and outputs, so it overstates the arithmetic intensity: a block placed right of the ridge by it may
-    still be memory-bound, never the reverse.
-    """
+    """The fewest bytes a cell's step can move: its own ``bytes_per_step`` (a kernel's exact count), else a
+    block's bound from its parameters and input (``perfkit.env.ceilings.bytes_lower_bound``, the one the
+    cell's physical floor was measured against)."""
     if has_value(_get(row, "bytes_per_step")):
         return float(_get(row, "bytes_per_step"))
     params, shape = _get(row, "params"), _get(row, "input_shape")
     if isinstance(shape, str):
         shape = json.loads(shape) if shape.startswith("[") else None
-    if not has_value(params) or not shape:
-        return None
-    size = ELEMENT_BYTES.get(_get(row, "dtype"), 4)
-    training = _get(row, "mode") == "training"
-    return size * (params * (3 if training else 1) + math.prod(shape) * (2 if training else 1))
-
-
-def peak_tflops(ceilings: dict[str, float], dtype: str) -> float | None:
-    """The measured peak TFLOP/s for ``dtype`` among ``ceilings``, None where none was measured."""
-    key = {"bfloat16": "bf16_tflops", "float16": "fp16_tflops", "float32": "fp32_tflops"}.get(dtype)
-    return ceilings.get(key) if key else None
+    bound = bytes_lower_bound(int(params) if has_value(params) else None, shape, _get(row, "dtype"),
+                              _get(row, "mode"))
+    return None if bound is None else float(bound)
 
 
 def roofline_points(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -247,7 +247,7 @@ def plot_histories(found: list[CellHistory], runs: list[Run], out_dir: Path) -> 
         ax.legend(fontsize=7)
         fig.tight_layout()
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{device}-{block}-{mode}.png"
+        path = out_dir / f"{device}-{block.replace(':', '_')}-{mode}.png"  # no colon from tv:/timm: names
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)

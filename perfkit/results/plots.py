@@ -51,7 +51,7 @@ def plot_speedup_heatmap(frame: pd.DataFrame, mode: str, path: Path) -> None:
     labels = [["" for _ in variants] for _ in rows]
     muted = [[False for _ in variants] for _ in rows]
     by_cell = {(r.block, r.batch, r.variant): r for r in frame.itertuples(index=False)}
-    short = {"failed": "FAIL", "oom": "OOM", "error": "ERR", "skipped": "skip"}
+    short = {"failed": "FAIL", "oom": "OOM", "error": "ERR", "skipped": "skip", "impossible": "IMPOSS"}
     for i, (block, batch) in enumerate(rows):
         for j, variant in enumerate(variants):
             r = by_cell.get((block, batch, variant))

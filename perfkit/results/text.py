@@ -14,6 +14,8 @@ from typing import Any
 import pandas as pd
 
 from perfkit.record import Record
+from perfkit.results.compile_text import compile_legend, compile_lines, compile_marks
+from perfkit.results.floor_text import floor_cell, floor_intro, impossible_line
 from perfkit.results.frame import (
     FAST_P_THRESHOLDS,
     PREDICTED_CATEGORIES,
@@ -29,6 +31,7 @@ from perfkit.results.frame import (
     peak_tflops,
     uncontended,
     within_noise,
+    worst_gate_check,
 )
 from perfkit.results.load import CEILINGS_FILE, Results, device_name
 
@@ -56,8 +59,15 @@ def status_text(row: pd.Series) -> str | None:
     if status == "ok":
         return None
     if status == "failed":
-        err = max((e for e in (row.get("rel_error"), row.get("grad_rel_error")) if has_value(e)), default=None)
-        return f"FAILED (err {err:.0e})" if err is not None else "FAILED"
+        # The record's own errors count too: a record edited or written by hand may have no failing check.
+        checks = row.get("gate_checks")
+        worst = worst_gate_check([row, *(checks if isinstance(checks, list) else [])])
+        err = max((e for e in (worst.get("rel_error"), worst.get("grad_rel_error")) if has_value(e)), default=None)
+        when = ", after timing" if worst.get("when") == "after timing" else ""
+        return f"FAILED (err {err:.0e}{when})" if err is not None else "FAILED"
+    if status == "impossible":
+        fraction = row.get("floor_fraction")
+        return f"IMPOSSIBLE ({fraction:.3g}× under its floor)" if has_value(fraction) else "IMPOSSIBLE"
     if status == "oom":
         return "OOM"
     reason = row.get("reason")
@@ -83,7 +93,7 @@ def _speedup_text(row: pd.Series) -> str:
     if status:
         return status
     throughput = f"{_count(row['samples_per_s'])}/s" if has_value(row.get("samples_per_s")) else "no throughput"
-    marks = _flag_text(row)
+    marks = _flag_text(row) + compile_marks(row)
     if not has_value(row.get("speedup_vs_eager")):
         return f"{throughput}, no eager reference{marks}"
     if row.get("speedup_method") == "reference":
@@ -124,18 +134,28 @@ def _memory_text(row: pd.Series, memory_column: str) -> str:
     return f"{text} · {_mib(row[memory_column])}"
 
 
-def _error_text(row: pd.Series) -> str:
-    if row["status"] in ("oom", "error", "skipped"):
-        return status_text(row)
+def _errors_text(check: pd.Series | dict) -> str:
     parts = []
-    for label, err, tol in (("", row.get("rel_error"), row.get("tolerance")),
-                            ("grad ", row.get("grad_rel_error"), row.get("grad_tolerance"))):
+    for label, err, tol in (("", check.get("rel_error"), check.get("tolerance")),
+                            ("grad ", check.get("grad_rel_error"), check.get("grad_tolerance"))):
         if has_value(err):
             mark = f" {'≤' if err <= tol else '>'} {tol:.0e}" if has_value(tol) else ""
             parts.append(f"{label}{err:.1e}{mark}")
-    if not parts:
+    return "; ".join(parts)
+
+
+def _error_text(row: pd.Series) -> str:
+    """The timed input's errors, and the worst of the other inputs' where one is worse."""
+    if row["status"] in ("oom", "error", "skipped"):
+        return status_text(row)
+    text = _errors_text(row)
+    if not text:
         return "—"
-    return "; ".join(parts) + ("" if row["status"] == "ok" else " FAILED")
+    checks = row.get("gate_checks")
+    worst = worst_gate_check(checks)
+    if worst is not None and worst is not checks[0]:
+        text += f" · worst of {len(checks)} inputs ({worst['when']}, seed {worst['input_seed']}): {_errors_text(worst)}"
+    return text + {"ok": "", "impossible": " (IMPOSSIBLE time)"}.get(row["status"], " FAILED")
 
 
 def _table(frame: pd.DataFrame, text: Callable[[pd.Series], str]) -> list[str]:
@@ -229,8 +249,8 @@ def head_lines(frame: pd.DataFrame, device: dict[str, Any], kept: Sequence[str])
     links = "".join(f", [{name}]({name})" for name in kept)
     lines = [f"# perfkit report: {device_name(device)}", "",
              f"{len(frame)} cells: {statuses}. Raw cells: [summary.csv](summary.csv){links}.", ""]
-    contended = contended_line(frame)
-    return lines + [contended, ""] if contended else lines
+    extra = [line for line in (contended_line(frame), impossible_line(frame)) if line]
+    return lines + [line for text in extra for line in (text, "")]
 
 
 def _speedup_lines(cells: pd.DataFrame, mode: str, heatmap: str) -> list[str]:
@@ -241,7 +261,7 @@ def _speedup_lines(cells: pd.DataFrame, mode: str, heatmap: str) -> list[str]:
             "variant's throughput. An interval containing 1.0 reads *no difference*; ⚠ marks noisy, "
             "contended, launch-bound or throttled cells. Cells that failed the correctness gate, ran out "
             "of memory, raised or were skipped say so instead.", "",
-            *_table(cells, _speedup_text), "", f"![{mode} speedup heatmap]({heatmap})"]
+            *_table(cells, _speedup_text), *compile_legend(cells), "", f"![{mode} speedup heatmap]({heatmap})"]
 
 
 def _memory_lines(cells: pd.DataFrame, mode: str, memory: str, methods: Sequence[str], bars: str | None) -> list[str]:
@@ -272,6 +292,11 @@ def _correctness_lines(cells: pd.DataFrame) -> list[str]:
             *_table(cells, _error_text)]
 
 
+def _floor_lines(cells: pd.DataFrame) -> list[str]:
+    intro = floor_intro(cells)
+    return [*intro, *_table(cells, lambda r: status_text(r) or floor_cell(r))] if intro else []
+
+
 def _best_lines(best: pd.DataFrame) -> list[str]:
     lines = ["", "### Best variant per block", "",
              "The fastest variant beyond noise; among variants within noise of it, the simplest (fewest "
@@ -289,10 +314,12 @@ def _best_lines(best: pd.DataFrame) -> list[str]:
 
 def mode_lines(cells: pd.DataFrame, mode: str, memory: str, methods: Sequence[str], best: pd.DataFrame,
                heatmap: str, bars: str | None) -> list[str]:
-    """One mode's section of a device page: speedup, peak memory, predicted memory, correctness and best
-    variant, for the block ``cells`` of that mode; ``heatmap`` and ``bars`` name its plots (no bars: None)."""
+    """One mode's section of a device page: speedup, peak memory, predicted memory, correctness, physical
+    floor, compile and best variant, for the block ``cells`` of that mode; ``heatmap`` and ``bars`` name its
+    plots (no bars: None)."""
     return [*_speedup_lines(cells, mode, heatmap), *_memory_lines(cells, mode, memory, methods, bars),
-            *_predicted_lines(cells), *_correctness_lines(cells), *_best_lines(best[best["mode"] == mode])]
+            *_predicted_lines(cells), *_correctness_lines(cells), *_floor_lines(cells),
+            *compile_lines(cells), *_best_lines(best[best["mode"] == mode])]
 
 
 def kernel_lines(kernels: pd.DataFrame, ceilings: dict[str, float]) -> list[str]:
