@@ -91,9 +91,11 @@ def edited(source: Path, target: Path, edit) -> Path:
 
 
 def test_a_a_pair_is_unchanged(runs, capsys):
-    # 10%: a training step's backward and optimizer still run on a CPU shared with other jobs, and ~30
-    # rounds of it leave a bootstrap interval a few percent wide.
-    status, out, _ = compare(capsys, runs[0], runs[1], "--threshold", "10%")
+    # 15%: an interval across two processes carries the CPU's 7% repeat floor (perfkit.stats.REPEAT_FLOOR_REL)
+    # on top of the rounds' own spread, and a training step's backward and optimizer on a CPU shared with other
+    # jobs spread a few percent: at 10% one A/A training cell read [0.927, 1.107], too noisy to tell
+    # (2026-12-04, a clean clone's make test).
+    status, out, _ = compare(capsys, runs[0], runs[1], "--threshold", "15%")
     assert status == 0, out
     assert "4 timed cells compared" in out
     assert verdicts(out) == ["unchanged"] * 4, out
